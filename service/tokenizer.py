@@ -116,7 +116,8 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 def read_vision_tokens(path: Path) -> list[str]:
     """Read the vision token names and check the layout: 3 control tokens then visual tokens 0..N-1."""
-    names = [line.rstrip("\r\n") for line in open(path, encoding="utf-8") if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        names = [line.rstrip("\r\n") for line in f if line.strip()]
     if tuple(names[:3]) != VISION_CONTROL:
         raise TokenizerFormatError(f"{path}: first lines must be {VISION_CONTROL}, got {names[:3]}")
     for code, name in enumerate(names[3:]):
