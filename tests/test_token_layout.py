@@ -29,12 +29,6 @@ from service.token_layout import (
 )
 from service.tokenizer import Emu35Tokenizer
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "emu35-tokenizer"
-
-pytestmark = pytest.mark.skipif(
-    not (TOKENIZER_DIR / "emu3.tiktoken").is_file(),
-    reason=f"real Emu3.5 tokenizer files not found at {TOKENIZER_DIR} (test data beside the repository)",
-)
 
 HYP = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NUM_CODES = 131_072
@@ -43,8 +37,8 @@ TEXT_ALPHABET = "abcXYZ 0159*.,!?\n\t中文é🫠🦩🙂<|>_"
 
 
 @pytest.fixture(scope="session")
-def tok() -> Emu35Tokenizer:
-    return Emu35Tokenizer.from_dir(TOKENIZER_DIR)
+def tok(any_tokenizer) -> Emu35Tokenizer:
+    return any_tokenizer
 
 
 def enc(tok, text: str) -> list[int]:
@@ -252,7 +246,8 @@ def test_token_by_token_events(tok):
     assert isinstance(p2.feed(ids[first_row_end : first_row_end + 1])[-1], ImageRows)
 
 
-def test_utf8_holdback(tok):
+def test_utf8_holdback(real_tokenizer):
+    tok = real_tokenizer
     ids = enc(tok, "🫠")
     assert len(ids) == 3
     p = StreamParser(tok)

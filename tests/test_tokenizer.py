@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def tok() -> Emu35Tokenizer:
-    return Emu35Tokenizer.from_dir(TOKENIZER_DIR)
+def tok(real_tokenizer) -> Emu35Tokenizer:
+    return real_tokenizer
 
 
 def test_vocabulary_size(tok):

@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (run the service on the built-in tiny model) and
+# `make test` (set up from scratch and run the tests). Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install test demo bench-vq proto clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip uninstall -q -y torchvision 2>/dev/null || true
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/python -m service serve --demo
+
+bench-vq: install
+	$(BIN)/python bench/vq_memory.py
+
+proto: install
+	$(BIN)/python -m service.record.gen
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

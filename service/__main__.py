@@ -1,0 +1,49 @@
+"""Command line: ``python -m service {make-tiny,vis,serve}`` (``emu35-serve`` runs ``serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _make_tiny(argv: list[str]) -> int:
+    from service.tiny.make import make_tiny
+
+    parser = argparse.ArgumentParser(prog="python -m service make-tiny", description=make_tiny.__doc__)
+    parser.add_argument("out_dir", help="folder to write model/, tokenizer/ and vq/ into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
+    args = parser.parse_args(argv)
+    out = make_tiny(args.out_dir, seed=args.seed, force=args.force)
+    print(out)
+    return 0
+
+
+def _vis(argv: list[str]) -> int:
+    from service.record.visualise import vis_main
+
+    return vis_main(argv)
+
+
+def _serve(argv: list[str]) -> int:
+    from service.demo import demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS = {"make-tiny": _make_tiny, "vis": _vis, "serve": _serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m service {" + ",".join(COMMANDS) + "} [args]", file=sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

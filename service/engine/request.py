@@ -1,0 +1,62 @@
+"""What the engine is asked to do: one guided generation (a cond/uncond pair) with Emu3.5's rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """top-k / top-p / temperature for one kind of token (text or image). ``top_k <= 0`` disables top-k,
+    ``temperature <= 0`` (or ``top_k == 1``) means greedy."""
+
+    top_k: int
+    top_p: float
+    temperature: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One Emu3.5 generation. ``uncond_prompt`` is None (or ``cfg_scale == 1``) for no guidance;
+    ``target_grid`` (rows, cols in tokens) forces every image's size, None lets the model write the
+    first header (constrained) and reuse it for later images."""
+
+    request_id: str
+    cond_prompt: list[int]
+    uncond_prompt: list[int] | None
+    cfg_scale: float
+    text_sampling: SamplingSettings
+    image_sampling: SamplingSettings
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+    target_grid: tuple[int, int] | None = None
+    seed: int | None = None
+    metadata: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond_prompt is not None and self.cfg_scale != 1.0
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Tokens the cond sequence produced since the last delta. ``finish_reason`` is set on the last one:
+    ``"stop"`` (a stop token, included in ``token_ids``), ``"length"`` (max_new_tokens) or ``"abort"``."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None
+    step_seconds: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

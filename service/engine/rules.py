@@ -1,0 +1,257 @@
+"""Emu3.5's decoding rules (DESIGN §5) as whole-batch tensor operations.
+
+One implementation serves both engines: the reference engine calls it on its own logits, and the vLLM
+logits processor calls it on vLLM's batch. Every function works on all rows at once; nothing here loops
+over the vocabulary or reads a device value back to the host, so a step costs a handful of kernels
+whatever the batch holds.
+
+Per row we keep a small state machine, advanced from the row's own sampled tokens:
+
+* ``TEXT``: visual tokens are forbidden; text sampling settings.
+* ``HEADER`` (after BOI): with a known size (the request's target, or the first image's size for
+  later images of the same answer) the digits, ``*`` and IMG are forced; otherwise the first header is
+  sampled but constrained to ``[1-9][0-9] * [1-9][0-9]`` then IMG.
+* ``PIXELS`` (after IMG): at position k (1-based) EOI is forced when k = H·(W+1), EOL when k is a
+  multiple of W+1; otherwise only visual tokens are allowed, CFG is applied, image sampling settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+TEXT, HEADER, PIXELS = 0, 1, 2
+
+# Categories of "what may come next" (rows of VocabTables.allow).
+CAT_TEXT, CAT_VISUAL, CAT_NONZERO_DIGIT, CAT_DIGIT = 0, 1, 2, 3
+
+#: Length of a sampled (unconstrained) header: two digits, '*', two digits, IMG.
+FREE_HEADER_LEN = 6
+_POW10 = (1, 10, 100, 1000, 10000, 100000)
+
+
+@dataclass
+class VocabTables:
+    """Token ids and vocabulary masks the rules need, on the engine's device."""
+
+    vocab_size: int
+    first_visual: int
+    boi: int
+    img: int
+    eoi: int
+    eol: int
+    star: int
+    digit_ids: torch.Tensor  # (10,) id of '0'..'9'
+    digit_value: torch.Tensor  # (V,) digit a token stands for, -1 for non-digits
+    allow: torch.Tensor  # (4, V) bool: text, visual, nonzero digit, digit
+    pow10: torch.Tensor
+
+    @classmethod
+    def build(cls, *, vocab_size: int, first_visual: int, boi: int, img: int, eoi: int, eol: int,
+              star: int, digit_ids: Sequence[int], device: torch.device | str = "cpu") -> "VocabTables":
+        digits = torch.tensor(list(digit_ids), dtype=torch.long)
+        digit_value = torch.full((vocab_size,), -1, dtype=torch.long)
+        digit_value[digits] = torch.arange(10)
+        allow = torch.zeros((4, vocab_size), dtype=torch.bool)
+        allow[CAT_TEXT, :first_visual] = True
+        allow[CAT_VISUAL, first_visual:] = True
+        allow[CAT_NONZERO_DIGIT, digits[1:]] = True
+        allow[CAT_DIGIT, digits] = True
+        return cls(vocab_size, first_visual, boi, img, eoi, eol, star, digits.to(device),
+                   digit_value.to(device), allow.to(device), torch.tensor(_POW10, device=device))
+
+    @classmethod
+    def from_tokenizer(cls, tok, device: torch.device | str = "cpu") -> "VocabTables":
+        ids = tok.ids
+        return cls.build(vocab_size=tok.vocab_size, first_visual=ids.first_visual, boi=ids.boi, img=ids.img,
+                         eoi=ids.eoi, eol=ids.eol, star=tok.star_id, digit_ids=tok.digit_ids, device=device)
+
+
+@dataclass
+class RowState:
+    """State of every row, one int64 tensor entry per row. ``fixed_h/fixed_w`` = 0 means no size yet."""
+
+    mode: torch.Tensor
+    hpos: torch.Tensor  # tokens written after BOI
+    h_acc: torch.Tensor  # header digits read so far
+    w_acc: torch.Tensor
+    star_seen: torch.Tensor
+    img_h: torch.Tensor
+    img_w: torch.Tensor
+    k: torch.Tensor  # tokens written after IMG
+    fixed_h: torch.Tensor
+    fixed_w: torch.Tensor
+
+    @classmethod
+    def empty(cls, rows: int, device: torch.device | str = "cpu") -> "RowState":
+        return cls(**{f.name: torch.zeros(rows, dtype=torch.long, device=device) for f in fields(cls)})
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def reset_rows(self, rows: torch.Tensor | slice | int, fixed_h: int = 0, fixed_w: int = 0) -> None:
+        """Start rows afresh in text mode with an optional forced image size."""
+        for t in self.tensors():
+            t[rows] = 0
+        self.fixed_h[rows] = fixed_h
+        self.fixed_w[rows] = fixed_w
+
+    def copy_row(self, src: int, dst: int) -> None:
+        for t in self.tensors():
+            t[dst] = t[src]
+
+    def swap_rows(self, a: int, b: int) -> None:
+        for t in self.tensors():
+            t[[a, b]] = t[[b, a]]
+
+
+def advance(state: RowState, tokens: torch.Tensor, tables: VocabTables, active: torch.Tensor | None = None) -> None:
+    """Move every row's state past its newly sampled token (in place). Rows where ``active`` is False
+    are left untouched."""
+    tokens = tokens.to(state.mode.device, torch.long)
+    mode = state.mode
+    in_text, in_header, in_pixels = mode == TEXT, mode == HEADER, mode == PIXELS
+    if active is not None:
+        in_text, in_header, in_pixels = in_text & active, in_header & active, in_pixels & active
+
+    digit = tables.digit_value[tokens.clamp(0, tables.vocab_size - 1)]
+    is_digit = in_header & (digit >= 0)
+    to_w = is_digit & (state.star_seen > 0)
+    to_h = is_digit & (state.star_seen == 0)
+    h_acc = torch.where(to_h, state.h_acc * 10 + digit, state.h_acc)
+    w_acc = torch.where(to_w, state.w_acc * 10 + digit, state.w_acc)
+    star_seen = torch.where(in_header & (tokens == tables.star), torch.ones_like(mode), state.star_seen)
+    opens = in_text & (tokens == tables.boi)
+    closes_header = in_header & (tokens == tables.img)
+    closes_image = in_pixels & (tokens == tables.eoi)
+
+    hpos = torch.where(in_header, state.hpos + 1, state.hpos)
+    k = torch.where(in_pixels, state.k + 1, state.k)
+    img_h = torch.where(closes_header, h_acc, state.img_h)
+    img_w = torch.where(closes_header, w_acc, state.img_w)
+    first = closes_header & (state.fixed_h == 0)
+    fixed_h = torch.where(first, h_acc, state.fixed_h)
+    fixed_w = torch.where(first, w_acc, state.fixed_w)
+
+    zero = torch.zeros_like(mode)
+    new_mode = torch.where(opens, torch.full_like(mode, HEADER), mode)
+    new_mode = torch.where(closes_header, torch.full_like(mode, PIXELS), new_mode)
+    new_mode = torch.where(closes_image, torch.full_like(mode, TEXT), new_mode)
+    # opening a header clears the header accumulators; closing it starts the pixel counter
+    state.hpos.copy_(torch.where(opens, zero, hpos))
+    state.h_acc.copy_(torch.where(opens, zero, h_acc))
+    state.w_acc.copy_(torch.where(opens, zero, w_acc))
+    state.star_seen.copy_(torch.where(opens, zero, star_seen))
+    state.k.copy_(torch.where(closes_header, zero, k))
+    state.img_h.copy_(img_h)
+    state.img_w.copy_(img_w)
+    state.fixed_h.copy_(fixed_h)
+    state.fixed_w.copy_(fixed_w)
+    state.mode.copy_(new_mode)
+
+
+def _num_digits(x: torch.Tensor) -> torch.Tensor:
+    return 1 + (x >= 10).long() + (x >= 100).long() + (x >= 1000).long() + (x >= 10000).long()
+
+
+def _digit_at(x: torch.Tensor, nd: torch.Tensor, j: torch.Tensor, tables: VocabTables) -> torch.Tensor:
+    """Token id of the j-th (0-based, from the left) of the nd digits of x."""
+    exp = (nd - 1 - j).clamp(0, len(_POW10) - 1)
+    return tables.digit_ids[torch.div(x, tables.pow10[exp], rounding_mode="floor") % 10]
+
+
+def constraints(state: RowState, tables: VocabTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each row may write next: ``(category, forced)`` where ``forced`` is a token id or -1."""
+    mode, p = state.mode, state.hpos
+    minus1 = torch.full_like(mode, -1)
+
+    # header with a known size: digits(H) '*' digits(W) IMG
+    fh, fw = state.fixed_h, state.fixed_w
+    ndh, ndw = _num_digits(fh), _num_digits(fw)
+    forced_hdr = torch.where(p < ndh, _digit_at(fh, ndh, p, tables), minus1)
+    forced_hdr = torch.where(p == ndh, torch.full_like(p, tables.star), forced_hdr)
+    in_w = (p > ndh) & (p < ndh + 1 + ndw)
+    forced_hdr = torch.where(in_w, _digit_at(fw, ndw, p - ndh - 1, tables), forced_hdr)
+    forced_hdr = torch.where(p >= ndh + 1 + ndw, torch.full_like(p, tables.img), forced_hdr)
+
+    # header without a size: [1-9][0-9] '*' [1-9][0-9] IMG
+    free_cat = torch.where((p == 0) | (p == 3), torch.full_like(p, CAT_NONZERO_DIGIT), torch.full_like(p, CAT_DIGIT))
+    free_forced = torch.where(p == 2, torch.full_like(p, tables.star), minus1)
+    free_forced = torch.where(p >= 5, torch.full_like(p, tables.img), free_forced)
+
+    # pixels: position k+1 after IMG
+    pos = state.k + 1
+    row_len = state.img_w + 1
+    total = state.img_h * row_len
+    forced_px = torch.where(pos % row_len == 0, torch.full_like(pos, tables.eol), minus1)
+    forced_px = torch.where(pos >= total, torch.full_like(pos, tables.eoi), forced_px)
+
+    known = fh > 0
+    category = torch.full_like(mode, CAT_TEXT)
+    category = torch.where((mode == HEADER) & ~known, free_cat, category)
+    category = torch.where(mode == PIXELS, torch.full_like(mode, CAT_VISUAL), category)
+    forced = minus1
+    forced = torch.where((mode == HEADER) & known, forced_hdr, forced)
+    forced = torch.where((mode == HEADER) & ~known, free_forced, forced)
+    forced = torch.where(mode == PIXELS, forced_px, forced)
+    return category, forced
+
+
+def guide(logits: torch.Tensor, partner: torch.Tensor, scale: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance on log-probabilities for rows that have a partner (the index of their
+    unconditional row in the same batch, else -1) and are drawing a pixel:
+    ``log_softmax(u) + s · (log_softmax(c) − log_softmax(u))``. Other rows keep their logits."""
+    use = (partner >= 0) & visual & (scale != 1.0)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    uncond = logp[partner.clamp(min=0)]
+    guided = uncond + scale.to(logp.dtype)[:, None] * (logp - uncond)
+    return torch.where(use[:, None], guided, logits.float())
+
+
+def mask_logits(logits: torch.Tensor, category: torch.Tensor, forced: torch.Tensor, tables: VocabTables) -> torch.Tensor:
+    """-inf everywhere a row may not write; a forced row keeps only its forced token."""
+    allow = tables.allow[category]
+    is_forced = forced >= 0
+    onehot = torch.zeros_like(allow).scatter_(1, forced.clamp(min=0)[:, None], True)
+    allow = torch.where(is_forced[:, None], onehot, allow)
+    return logits.masked_fill(~allow, float("-inf"))
+
+
+def sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor,
+           k_cap: int, generators: Sequence[torch.Generator | None] = (), draws: Sequence[int] = (),
+           fallback: torch.Generator | None = None) -> torch.Tensor:
+    """top-k → temperature → top-p → draw, per row with its own settings, for the whole batch at once.
+
+    ``k_cap`` (a host-side int: the largest top-k any row may use) bounds the one ``topk`` call. Draws use
+    the exponential-race form (argmax p/q, q ~ Exp(1)), which equals sampling from p. A row with its own
+    generator consumes exactly ``draws[i]`` numbers per step, a constant of its request, so a seeded
+    request reproduces its tokens whatever else shares the batch.
+    """
+    rows, vocab = logits.shape
+    k_cap = max(1, min(int(k_cap), vocab))
+    vals, idx = torch.topk(logits.float(), k_cap, dim=-1)
+    rank = torch.arange(k_cap, device=logits.device)
+    eff_k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k)
+    vals = vals.masked_fill(rank[None, :] >= eff_k[:, None], float("-inf"))
+    greedy = (temperature <= 0) | (top_k == 1)
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    probs = torch.softmax(vals / temp[:, None], dim=-1)
+    cum = probs.cumsum(dim=-1)
+    probs = probs.masked_fill((cum - probs) > top_p.float()[:, None], 0.0)
+
+    q = torch.ones_like(probs)
+    seeded = [False] * rows
+    for i, gen in enumerate(generators):
+        if gen is not None:
+            n = min(int(draws[i]), k_cap) if i < len(draws) else k_cap
+            q[i, :n].exponential_(generator=gen)
+            seeded[i] = True
+    if not all(seeded):
+        free = torch.tensor([not s for s in seeded], device=logits.device)
+        noise = torch.empty_like(probs).exponential_(generator=fallback)
+        q = torch.where(free[:, None], noise, q)
+    choice = torch.argmax(probs / q, dim=-1)
+    choice = torch.where(greedy, torch.zeros_like(choice), choice)
+    return idx.gather(1, choice[:, None]).squeeze(1)

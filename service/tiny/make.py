@@ -1,0 +1,68 @@
+"""``make-tiny``: build (once, cached) the tiny model, tokenizer and VQ checkpoints used by tests and the demo.
+
+Layout of ``OUT_DIR``: ``model/`` (Emu3 config.json + safetensors + generation_config.json),
+``tokenizer/`` (upstream file layout), ``vq/`` (config.yaml + model.ckpt) and ``manifest.json``, which
+records the seed and the maker's version. A folder whose manifest matches is reused as it is, so the
+first test session pays the build (well under two minutes) and later ones pay nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+#: Bump when the tiny checkpoints change, so stale caches are rebuilt.
+TINY_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("EMU35_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "emu35-serve"
+    )
+    return Path(root) / f"tiny-v{TINY_VERSION}"
+
+
+def is_complete(out_dir: Path, seed: int) -> bool:
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("version") == TINY_VERSION and manifest.get("seed") == seed
+
+
+def make_tiny(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """Write the tiny checkpoints into ``out_dir`` (atomically: built in a sibling temp dir, then renamed)."""
+    from service.tiny.lm import write_tiny_lm
+    from service.tiny.tokenizer_files import write_tokenizer
+    from service.tiny.vq import make_tiny_vq
+    from service.tokenizer import Emu35Tokenizer
+
+    out_dir = Path(out_dir)
+    if not force and is_complete(out_dir, seed):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
+    try:
+        started = time.monotonic()
+        tok = Emu35Tokenizer.from_dir(write_tokenizer(tmp / "tokenizer"))
+        write_tiny_lm(tmp / "model", tok, seed=seed)
+        make_tiny_vq(tmp / "vq", seed=seed)
+        manifest = {"version": TINY_VERSION, "seed": seed, "build_seconds": round(time.monotonic() - started, 1)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_tiny(seed: int = 0) -> Path:
+    """The cached tiny checkpoints, built on first use."""
+    return make_tiny(default_cache_dir(), seed=seed)

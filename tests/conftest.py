@@ -1,0 +1,44 @@
+"""Shared fixtures: the real tokenizer files (test data beside the repository) and the tiny checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.tokenizer import Emu35Tokenizer
+
+REAL_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "emu35-tokenizer"
+HAVE_REAL_TOKENIZER = (REAL_TOKENIZER_DIR / "emu3.tiktoken").is_file()
+NO_REAL_TOKENIZER = f"real Emu3.5 tokenizer files not found at {REAL_TOKENIZER_DIR} (test data beside the repository)"
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer() -> Emu35Tokenizer:
+    """The real Emu3.5 tokenizer; tests that need it skip with a reason when the files are absent."""
+    if not HAVE_REAL_TOKENIZER:
+        pytest.skip(NO_REAL_TOKENIZER)
+    return Emu35Tokenizer.from_dir(REAL_TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def any_tokenizer(tmp_path_factory) -> Emu35Tokenizer:
+    """The real tokenizer when present, else the synthetic one (same id layout), so layout tests always run."""
+    if HAVE_REAL_TOKENIZER:
+        return Emu35Tokenizer.from_dir(REAL_TOKENIZER_DIR)
+    from service.tiny.tokenizer_files import write_tokenizer
+
+    return Emu35Tokenizer.from_dir(write_tokenizer(tmp_path_factory.mktemp("synthetic_tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The cached tiny checkpoints (built on first use by ``make-tiny``)."""
+    from service.tiny.make import ensure_tiny
+
+    return ensure_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir) -> Emu35Tokenizer:
+    return Emu35Tokenizer.from_dir(tiny_dir / "tokenizer")

@@ -1,0 +1,158 @@
+"""Emu3.5 decoding rules on small hand-made vocabularies: masks, forced tokens, CFG and sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from service.engine.rules import (
+    CAT_DIGIT,
+    CAT_NONZERO_DIGIT,
+    CAT_TEXT,
+    CAT_VISUAL,
+    HEADER,
+    PIXELS,
+    TEXT,
+    RowState,
+    VocabTables,
+    advance,
+    constraints,
+    guide,
+    mask_logits,
+    sample,
+)
+
+# A 20-token vocabulary: '0'..'9' = 0..9, '*' = 10, BOI 11, IMG 12, EOI 13, EOL 14, text 15, 16,
+# visual codes 0..2 = 17..19.
+STAR, BOI, IMG, EOI, EOL, T1, T2, V0, V1, V2 = 10, 11, 12, 13, 14, 15, 16, 17, 18, 19
+NEG = float("-inf")
+
+
+@pytest.fixture()
+def tables() -> VocabTables:
+    return VocabTables.build(vocab_size=20, first_visual=17, boi=BOI, img=IMG, eoi=EOI, eol=EOL,
+                             star=STAR, digit_ids=range(10))
+
+
+def feed(state: RowState, tables: VocabTables, tokens: list[int]) -> None:
+    for t in tokens:
+        advance(state, torch.tensor([t]), tables)
+
+
+def next_rule(state: RowState, tables: VocabTables) -> tuple[int, int]:
+    cat, forced = constraints(state, tables)
+    return int(cat[0]), int(forced[0])
+
+
+def test_forced_header_rows_and_end(tables):
+    state = RowState.empty(1)
+    state.reset_rows(0, fixed_h=2, fixed_w=12)
+    assert next_rule(state, tables) == (CAT_TEXT, -1)
+    feed(state, tables, [T1, BOI])
+    expected_header = [2, STAR, 1, 2, IMG]
+    for tok in expected_header:
+        assert next_rule(state, tables)[1] == tok
+        feed(state, tables, [tok])
+    assert int(state.mode[0]) == PIXELS
+    # 2 rows of 12: 12 visual, EOL, 12 visual, EOI (no EOL after the last row)
+    for row in range(2):
+        for _ in range(12):
+            assert next_rule(state, tables) == (CAT_VISUAL, -1)
+            feed(state, tables, [V1])
+        want = EOL if row == 0 else EOI
+        assert next_rule(state, tables)[1] == want
+        feed(state, tables, [want])
+    assert int(state.mode[0]) == TEXT
+    assert next_rule(state, tables) == (CAT_TEXT, -1)
+
+
+def test_free_header_is_constrained_then_reused(tables):
+    state = RowState.empty(1)
+    feed(state, tables, [BOI])
+    want = [(CAT_NONZERO_DIGIT, -1), (CAT_DIGIT, -1), (CAT_TEXT, STAR), (CAT_NONZERO_DIGIT, -1), (CAT_DIGIT, -1),
+            (CAT_TEXT, IMG)]
+    written = [1, 0, STAR, 1, 1, IMG]  # 10 x 11
+    for (cat, forced), tok in zip(want, written):
+        got_cat, got_forced = next_rule(state, tables)
+        assert got_forced == forced
+        if forced < 0:
+            assert got_cat == cat
+        feed(state, tables, [tok])
+    assert (int(state.img_h[0]), int(state.img_w[0])) == (10, 11)
+    feed(state, tables, ([V0] * 11 + [EOL]) * 9 + [V0] * 11 + [EOI])
+    assert int(state.mode[0]) == TEXT
+    # a second image of the same answer repeats the first header
+    feed(state, tables, [T2, BOI])
+    forced = []
+    for _ in range(6):
+        f = next_rule(state, tables)[1]
+        forced.append(f)
+        feed(state, tables, [f])
+    assert forced == [1, 0, STAR, 1, 1, IMG]
+
+
+def test_masks(tables):
+    logits = torch.zeros(4, 20)
+    cat = torch.tensor([CAT_TEXT, CAT_VISUAL, CAT_NONZERO_DIGIT, CAT_TEXT])
+    forced = torch.tensor([-1, -1, -1, EOL])
+    out = mask_logits(logits, cat, forced, tables)
+    finite = torch.isfinite(out)
+    assert finite[0].nonzero().flatten().tolist() == list(range(17))
+    assert finite[1].nonzero().flatten().tolist() == [V0, V1, V2]
+    assert finite[2].nonzero().flatten().tolist() == list(range(1, 10))
+    assert finite[3].nonzero().flatten().tolist() == [EOL]
+
+
+def test_cfg_matches_hand_computation():
+    cond = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.0]])
+    partner = torch.tensor([1, -1])
+    scale = torch.tensor([3.0, 3.0])
+    out = guide(cond, partner, scale, visual=torch.tensor([True, True]))
+
+    def lsm(xs):
+        m = math.log(sum(math.exp(x) for x in xs))
+        return [x - m for x in xs]
+
+    c, u = lsm([1.0, 2.0, 3.0]), lsm([0.5, 0.5, 0.0])
+    want = [u_i + 3.0 * (c_i - u_i) for c_i, u_i in zip(c, u)]
+    assert out[0].tolist() == pytest.approx(want, abs=1e-5)
+    assert out[1].tolist() == pytest.approx([0.5, 0.5, 0.0])  # no partner: unchanged
+    # not drawing a pixel, or scale 1: unchanged
+    out = guide(cond, partner, torch.tensor([3.0, 3.0]), visual=torch.tensor([False, False]))
+    assert out[0].tolist() == pytest.approx([1.0, 2.0, 3.0])
+    out = guide(cond, partner, torch.tensor([1.0, 1.0]), visual=torch.tensor([True, True]))
+    assert out[0].tolist() == pytest.approx([1.0, 2.0, 3.0])
+
+
+def test_sample_greedy_topk_topp():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0], [0.0, 5.0, 1.0, 4.0], [3.0, 0.0, NEG, 2.9]])
+    greedy = sample(logits, torch.tensor([1, 0, 0]), torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 0.0, 0.0]), 4)
+    assert greedy.tolist() == [1, 1, 0]
+    # top_k 2 never yields anything but the two best tokens
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        t = sample(logits[:1], torch.tensor([2]), torch.tensor([1.0]), torch.tensor([5.0]), 4, [g], [4])
+        seen.add(int(t))
+    assert seen == {1, 3}
+    # top_p small keeps only the most likely token
+    for _ in range(50):
+        t = sample(logits[:1], torch.tensor([0]), torch.tensor([0.1]), torch.tensor([1.0]), 4, [g], [4])
+        assert int(t) == 1
+
+
+def test_sample_seed_reproducible_whatever_the_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    def run(seed, rows):
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(20):
+            t = sample(logits[:rows], torch.full((rows,), 10), torch.full((rows,), 0.95), torch.ones(rows), 10 * rows,
+                       [g] + [None] * (rows - 1), [10] * rows)
+            out.append(int(t[0]))
+        return out
+    assert run(7, 1) == run(7, 3)
+    assert run(7, 1) != run(8, 1)
