@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
+from .engine.request import SamplingSettings
 from .token_layout import image_ids
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,23 +79,6 @@ class ModelVariant(str, Enum):
 
 
 # ---- defaults ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Top-k / top-p / temperature for one kind of token (text or image)."""
-
-    top_k: int
-    top_p: float
-    temperature: float
-
-    def __post_init__(self):
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
 
 
 @dataclass(frozen=True)

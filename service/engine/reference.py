@@ -8,6 +8,7 @@ always receives the cond row's token (the lockstep form of DESIGN §5).
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +46,9 @@ class ReferenceEngine:
         self.model, self.config = load_qwen3_model(model_dir, device, dtype)
         self.tables = VocabTables.from_tokenizer(tokenizer, self.device)
         self._fallback = torch.Generator(self.device).manual_seed(torch.seed() % (2**63))
+        # transformers 5 renamed the KV-cache argument and output field ``past_key_values`` → ``cache``
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @torch.inference_mode()
     def generate(self, req: GenerationRequest) -> Iterator[TokenDelta]:
@@ -68,7 +72,7 @@ class ReferenceEngine:
         stops = set(req.stop_token_ids)
 
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, self._cache_arg)
         for step in range(req.max_new_tokens):
             started = time.perf_counter()
             logits = out.logits[:, -1, :].float()
@@ -92,8 +96,8 @@ class ReferenceEngine:
                 attn = torch.cat([attn, torch.ones((rows, 1), dtype=attn.dtype, device=self.device)], dim=1)
                 positions = positions[:, -1:] + 1
                 out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                                 use_cache=True, **{self._cache_arg: cache})
+                cache = getattr(out, self._cache_arg)
             yield TokenDelta([t], reason, time.perf_counter() - started)
             if reason is not None:
                 return

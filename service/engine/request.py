@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """top-k / top-p / temperature for one kind of token (text or image). ``top_k <= 0`` disables top-k,
-    ``temperature <= 0`` (or ``top_k == 1``) means greedy."""
+    """top-k / top-p / temperature for one kind of token (text or image). ``temperature == 0`` (or
+    ``top_k == 1``) means greedy."""
 
     top_k: int
     top_p: float
     temperature: float
 
     def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
 
     @property
     def greedy(self) -> bool:
