@@ -45,5 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     return COMMANDS[argv[0]](argv[1:])
 
 
+def serve_entry() -> int:
+    """The ``emu35-serve`` console script: ``python -m service serve`` with the same arguments."""
+    return _serve(sys.argv[1:])
+
+
 if __name__ == "__main__":
     sys.exit(main())
