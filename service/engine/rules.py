@@ -88,6 +88,10 @@ class RowState:
     def empty(cls, rows: int, device: torch.device | str = "cpu") -> "RowState":
         return cls(**{f.name: torch.zeros(rows, dtype=torch.long, device=device) for f in fields(cls)})
 
+    def view(self, rows: int) -> "RowState":
+        """The first ``rows`` rows, sharing storage (updates write through)."""
+        return RowState(*[t[:rows] for t in self.tensors()])
+
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
 

@@ -1,0 +1,74 @@
+"""How an Emu3.5 request travels through vLLM: per-row settings in ``SamplingParams.extra_args``.
+
+A guided generation is two vLLM requests, ``<id>`` (cond) and ``<id>#uncond``, that share a pair id.
+The logits processor reads the settings below from each row's ``extra_args["emu35"]``; the pair-aware
+scheduler reads the pair id to admit both halves together. This module has no vLLM import, so the
+engine front end, the processor and the scheduler (which live in different processes) share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from service.engine.request import GenerationRequest, SamplingSettings
+
+EXTRA_KEY = "emu35"
+UNCOND_SUFFIX = "#uncond"
+COND, UNCOND, SOLO = "cond", "uncond", "solo"
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What the processor needs to know about one row."""
+
+    pair_id: str
+    role: str
+    cfg_scale: float
+    text: SamplingSettings
+    image: SamplingSettings
+    target_grid: tuple[int, int] | None
+    seed: int | None
+
+    def to_extra(self) -> dict[str, Any]:
+        return {
+            EXTRA_KEY: {
+                "pair": self.pair_id,
+                "role": self.role,
+                "cfg": self.cfg_scale,
+                "text": [self.text.top_k, self.text.top_p, self.text.temperature],
+                "image": [self.image.top_k, self.image.top_p, self.image.temperature],
+                "target": list(self.target_grid) if self.target_grid else None,
+                "seed": self.seed,
+            }
+        }
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None) -> "RowSpec | None":
+        """The row's spec, or None for a request that is not an Emu3.5 generation."""
+        if not extra or EXTRA_KEY not in extra:
+            return None
+        d = extra[EXTRA_KEY]
+        target = d.get("target")
+        return cls(
+            pair_id=str(d["pair"]),
+            role=str(d["role"]),
+            cfg_scale=float(d["cfg"]),
+            text=SamplingSettings(int(d["text"][0]), float(d["text"][1]), float(d["text"][2])),
+            image=SamplingSettings(int(d["image"][0]), float(d["image"][1]), float(d["image"][2])),
+            target_grid=(int(target[0]), int(target[1])) if target else None,
+            seed=None if d.get("seed") is None else int(d["seed"]),
+        )
+
+
+def row_specs(req: GenerationRequest) -> list[tuple[str, list[int], RowSpec]]:
+    """The vLLM requests of one generation: ``(request_id, prompt_ids, spec)`` for cond (and uncond)."""
+    role = COND if req.guided else SOLO
+    base = RowSpec(req.request_id, role, req.cfg_scale, req.text_sampling, req.image_sampling,
+                   req.target_grid, req.seed)
+    rows = [(req.request_id, list(req.cond_prompt), base)]
+    if req.guided:
+        uncond = RowSpec(req.request_id, UNCOND, req.cfg_scale, req.text_sampling, req.image_sampling,
+                         req.target_grid, None)
+        rows.append((req.request_id + UNCOND_SUFFIX, list(req.uncond_prompt or []), uncond))
+    return rows

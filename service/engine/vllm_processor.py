@@ -1,0 +1,193 @@
+"""Emu3.5's decoding rules as a vLLM v1 logits processor (passed with ``logits_processors=``).
+
+One instance serves the whole persistent batch. Its state follows vLLM's batch changes (added, removed,
+moved rows) and each row's live output ids; the per-step work is the batched tensor code of
+``service.engine.rules``. The processor also samples: it applies CFG across the cond/uncond rows of a
+pair, the text or image top-k/top-p/temperature of the row's current mode, per-request seeded draws, and
+then hands vLLM a row that is -inf everywhere but the chosen token, so vLLM's own sampler (greedy, as the
+engine configures it) can only pick that token. The uncond row of a pair is given its cond row's token,
+which keeps the pair in lockstep.
+
+Rows whose ``SamplingParams.extra_args`` carry no Emu3.5 spec pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from service.engine.pairing import COND, UNCOND, RowSpec
+from service.engine.rules import CAT_VISUAL, RowState, VocabTables, advance, constraints, guide, mask_logits, sample
+from service.tokenizer import Emu35Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    spec: RowSpec
+    out: list[int]  # vLLM's live output-id list of the request
+    seen: int  # output ids already folded into the row state
+    gen: torch.Generator | None
+    draws: int
+
+
+class Emu35LogitsProcessor(LogitsProcessor):
+    """Batch-wide Emu3.5 rules + sampling (DESIGN §5)."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self.device = device
+        tok = Emu35Tokenizer.from_dir(vllm_config.model_config.tokenizer)
+        self.vocab = tok.vocab_size
+        self.tables = VocabTables.from_tokenizer(tok, device)
+        self.max_rows = int(vllm_config.scheduler_config.max_num_seqs)
+        self.state = RowState.empty(self.max_rows, device)
+        self.rows: list[_Row | None] = [None] * self.max_rows
+        self.batch_size = 0
+        seed = getattr(vllm_config.model_config, "seed", None) or 0
+        # identical on every tensor-parallel rank, so unseeded rows draw the same tokens everywhere
+        self.fallback = torch.Generator(device).manual_seed(int(seed))
+        n = self.max_rows
+        self.managed = torch.zeros(n, dtype=torch.bool, device=device)
+        self.partner = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.leader = torch.arange(n, dtype=torch.long, device=device)
+        self.scale = torch.ones(n, device=device)
+        self.text_k = torch.ones(n, dtype=torch.long, device=device)
+        self.img_k = torch.ones(n, dtype=torch.long, device=device)
+        self.text_p = torch.ones(n, device=device)
+        self.img_p = torch.ones(n, device=device)
+        self.text_t = torch.ones(n, device=device)
+        self.img_t = torch.ones(n, device=device)
+        self.k_cap = 1
+        self.any_managed = False
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        RowSpec.from_extra(sampling_params.extra_args)  # raises ValueError on a malformed spec
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    # ---- batch bookkeeping ----------------------------------------------------------------------
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is not None:
+            self._apply_batch_update(batch_update)
+        self._feed_new_tokens()
+
+    def _apply_batch_update(self, bu: BatchUpdate) -> None:
+        for index in bu.removed:
+            self.rows[index] = None
+        for added in bu.added:
+            index, params, out = added[0], added[1], added[-1]
+            spec = RowSpec.from_extra(getattr(params, "extra_args", None))
+            if spec is None:
+                self.rows[index] = None
+                continue
+            gen = None
+            if spec.seed is not None:
+                gen = torch.Generator(self.device).manual_seed(spec.seed)
+            draws = max(_eff_k(spec.text.top_k, self.vocab), _eff_k(spec.image.top_k, self.vocab))
+            self.rows[index] = _Row(spec, out, 0, gen, draws)
+            h, w = spec.target_grid or (0, 0)
+            self.state.reset_rows(index, h, w)
+        for a, b, direction in bu.moved:
+            if direction == MoveDirectionality.SWAP:
+                self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
+                self.state.swap_rows(a, b)
+            else:
+                self.rows[b], self.rows[a] = self.rows[a], None
+                self.state.copy_row(a, b)
+        self.batch_size = bu.batch_size
+        self._rebuild_maps()
+
+    def _rebuild_maps(self) -> None:
+        """Pair links and per-row settings, recomputed only when the batch changes."""
+        n = self.max_rows
+        managed, partner, leader = [False] * n, [-1] * n, list(range(n))
+        cols = {k: [1.0] * n for k in ("scale", "tp", "tt", "ip", "it")}
+        tk, ik = [1] * n, [1] * n
+        cond_at: dict[str, int] = {}
+        uncond_at: dict[str, int] = {}
+        k_cap = 1
+        for i, row in enumerate(self.rows[: self.batch_size]):
+            if row is None:
+                continue
+            s = row.spec
+            managed[i] = True
+            cols["scale"][i] = s.cfg_scale
+            tk[i], cols["tp"][i], cols["tt"][i] = s.text.top_k, s.text.top_p, s.text.temperature
+            ik[i], cols["ip"][i], cols["it"][i] = s.image.top_k, s.image.top_p, s.image.temperature
+            k_cap = max(k_cap, row.draws)
+            if s.role == COND:
+                cond_at[s.pair_id] = i
+            elif s.role == UNCOND:
+                uncond_at[s.pair_id] = i
+        for pair, u in uncond_at.items():
+            c = cond_at.get(pair)
+            if c is None:
+                logger.error("emu35: uncond row of pair %s has no cond row in the batch", pair)
+                continue
+            partner[c], leader[u] = u, c
+        for pair, c in cond_at.items():
+            if pair not in uncond_at:
+                logger.error("emu35: cond row of pair %s has no uncond row in the batch", pair)
+        dev = self.device
+        self.managed.copy_(torch.tensor(managed, device=dev))
+        self.partner.copy_(torch.tensor(partner, device=dev))
+        self.leader.copy_(torch.tensor(leader, device=dev))
+        self.scale.copy_(torch.tensor(cols["scale"], device=dev))
+        self.text_k.copy_(torch.tensor(tk, device=dev))
+        self.img_k.copy_(torch.tensor(ik, device=dev))
+        self.text_p.copy_(torch.tensor(cols["tp"], device=dev))
+        self.text_t.copy_(torch.tensor(cols["tt"], device=dev))
+        self.img_p.copy_(torch.tensor(cols["ip"], device=dev))
+        self.img_t.copy_(torch.tensor(cols["it"], device=dev))
+        self.k_cap = k_cap
+        self.any_managed = any(managed)
+
+    def _feed_new_tokens(self) -> None:
+        """Fold each row's newly generated ids into its state (normally one id per row per step)."""
+        pending: list[tuple[int, list[int]]] = []
+        for i, row in enumerate(self.rows[: self.batch_size]):
+            if row is not None and len(row.out) > row.seen:
+                new = [t for t in row.out[row.seen:] if t >= 0]  # skip async placeholders
+                row.seen = len(row.out)
+                if new:
+                    pending.append((i, new))
+        if not pending:
+            return
+        for step in range(max(len(new) for _, new in pending)):
+            tokens = torch.zeros(self.max_rows, dtype=torch.long)
+            active = torch.zeros(self.max_rows, dtype=torch.bool)
+            for i, new in pending:
+                if step < len(new):
+                    tokens[i], active[i] = new[step], True
+            advance(self.state, tokens.to(self.device), self.tables, active.to(self.device))
+
+    # ---- the step -------------------------------------------------------------------------------
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.any_managed:
+            return logits
+        rows = logits.shape[0]
+        state = self.state.view(rows)
+        category, forced = constraints(state, self.tables)
+        visual = (category == CAT_VISUAL) & (forced < 0)
+        guided = guide(logits, self.partner[:rows], self.scale[:rows], visual)
+        masked = mask_logits(guided, category, forced, self.tables)
+        top_k = torch.where(visual, self.img_k[:rows], self.text_k[:rows])
+        top_p = torch.where(visual, self.img_p[:rows], self.text_p[:rows])
+        temp = torch.where(visual, self.img_t[:rows], self.text_t[:rows])
+        gens = [row.gen if row is not None and row.spec.role != UNCOND else None for row in self.rows[:rows]]
+        draws = [row.draws if row is not None else 1 for row in self.rows[:rows]]
+        tokens = sample(masked, top_k, top_p, temp, self.k_cap, gens, draws, self.fallback)
+        tokens = tokens[self.leader[:rows]]  # the uncond row takes its cond row's token
+        chosen = torch.full_like(logits, float("-inf"))
+        chosen.scatter_(1, tokens[:, None], 0.0)
+        return torch.where(self.managed[:rows, None], chosen, logits)
+
+
+def _eff_k(top_k: int, vocab: int) -> int:
+    return vocab if top_k <= 0 else min(top_k, vocab)
