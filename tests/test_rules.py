@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from service.engine.rules import (
+    CAT_ANY,
     CAT_DIGIT,
     CAT_NONZERO_DIGIT,
     CAT_TEXT,
@@ -15,12 +16,13 @@ from service.engine.rules import (
     HEADER,
     PIXELS,
     TEXT,
+    Guidance,
     RowState,
     VocabTables,
     advance,
     constraints,
-    guide,
-    mask_logits,
+    guide_,
+    mask_,
     sample,
 )
 
@@ -94,36 +96,41 @@ def test_free_header_is_constrained_then_reused(tables):
 
 
 def test_masks(tables):
-    logits = torch.zeros(4, 20)
-    cat = torch.tensor([CAT_TEXT, CAT_VISUAL, CAT_NONZERO_DIGIT, CAT_TEXT])
-    forced = torch.tensor([-1, -1, -1, EOL])
-    out = mask_logits(logits, cat, forced, tables)
-    finite = torch.isfinite(out)
+    logits = torch.zeros(5, 20)
+    cat = torch.tensor([CAT_TEXT, CAT_VISUAL, CAT_NONZERO_DIGIT, CAT_DIGIT, CAT_ANY])
+    mask_(logits, cat, tables)
+    finite = torch.isfinite(logits)
     assert finite[0].nonzero().flatten().tolist() == list(range(17))
     assert finite[1].nonzero().flatten().tolist() == [V0, V1, V2]
     assert finite[2].nonzero().flatten().tolist() == list(range(1, 10))
-    assert finite[3].nonzero().flatten().tolist() == [EOL]
+    assert finite[3].nonzero().flatten().tolist() == list(range(10))
+    assert finite[4].all()  # a row the rules do not manage is left alone
 
 
-def test_cfg_matches_hand_computation():
-    cond = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.0]])
-    partner = torch.tensor([1, -1])
-    scale = torch.tensor([3.0, 3.0])
-    out = guide(cond, partner, scale, visual=torch.tensor([True, True]))
+def _guided(cond, uncond, scale, visual=True):
+    logits = torch.tensor([cond, uncond])
+    g = Guidance(torch.tensor([0]), torch.tensor([1]), torch.tensor([scale]))
+    guide_(logits, g, torch.tensor([visual, visual]))
+    return logits
+
+
+def test_cfg_matches_the_log_probability_form_up_to_a_row_constant():
+    cond, uncond = [1.0, 2.0, 3.0], [0.5, 0.5, 0.0]
+    out = _guided(cond, uncond, 3.0)
 
     def lsm(xs):
         m = math.log(sum(math.exp(x) for x in xs))
         return [x - m for x in xs]
 
-    c, u = lsm([1.0, 2.0, 3.0]), lsm([0.5, 0.5, 0.0])
-    want = [u_i + 3.0 * (c_i - u_i) for c_i, u_i in zip(c, u)]
-    assert out[0].tolist() == pytest.approx(want, abs=1e-5)
-    assert out[1].tolist() == pytest.approx([0.5, 0.5, 0.0])  # no partner: unchanged
-    # not drawing a pixel, or scale 1: unchanged
-    out = guide(cond, partner, torch.tensor([3.0, 3.0]), visual=torch.tensor([False, False]))
-    assert out[0].tolist() == pytest.approx([1.0, 2.0, 3.0])
-    out = guide(cond, partner, torch.tensor([1.0, 1.0]), visual=torch.tensor([True, True]))
-    assert out[0].tolist() == pytest.approx([1.0, 2.0, 3.0])
+    c, u = lsm(cond), lsm(uncond)
+    want = [u_i + 3.0 * (c_i - u_i) for c_i, u_i in zip(c, u)]  # DESIGN §5, by hand
+    shift = out[0, 0].item() - want[0]
+    assert [x - shift for x in out[0].tolist()] == pytest.approx(want, abs=1e-5)
+    assert torch.softmax(out[0], -1).tolist() == pytest.approx(torch.softmax(torch.tensor(want), -1).tolist(), abs=1e-6)
+    assert out[1].tolist() == uncond  # the uncond row is not changed
+    # not drawing a pixel, or scale 1: bit-for-bit unchanged
+    assert _guided(cond, uncond, 3.0, visual=False)[0].tolist() == cond
+    assert _guided(cond, uncond, 1.0)[0].tolist() == cond
 
 
 def test_sample_greedy_topk_topp():

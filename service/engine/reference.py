@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from service.engine.request import GenerationRequest, TokenDelta
-from service.engine.rules import CAT_VISUAL, RowState, VocabTables, advance, constraints, guide, mask_logits, sample
+from service.engine.rules import Guidance, RowState, SamplingColumns, VocabTables, advance, next_tokens, sampling_columns
 from service.lm_checkpoint import CheckpointError, Emu3Config
 from service.tokenizer import Emu35Tokenizer
 
@@ -64,28 +64,34 @@ class ReferenceEngine:
         state = RowState.empty(rows, self.device)
         fixed = req.target_grid or (0, 0)
         state.reset_rows(slice(None), fixed_h=fixed[0], fixed_w=fixed[1])
-        partner = torch.tensor([1, -1][:rows] if rows == 2 else [-1], device=self.device)
-        scale = torch.full((rows,), float(req.cfg_scale), device=self.device)
+        dev = self.device
+        guidance = None
+        if rows == 2:
+            guidance = Guidance(torch.tensor([0], device=dev), torch.tensor([1], device=dev),
+                                torch.tensor([float(req.cfg_scale)], device=dev))
         ts, im = req.text_sampling, req.image_sampling
+        text = SamplingColumns(torch.full((rows,), ts.top_k, device=dev), torch.full((rows,), ts.top_p, device=dev),
+                               torch.full((rows,), ts.temperature, device=dev))
+        image = SamplingColumns(torch.full((rows,), im.top_k, device=dev), torch.full((rows,), im.top_p, device=dev),
+                                torch.full((rows,), im.temperature, device=dev))
         k_cap = max(_eff_k(ts.top_k, self.tok.vocab_size), _eff_k(im.top_k, self.tok.vocab_size))
         gen = torch.Generator(self.device).manual_seed(req.seed) if req.seed is not None else None
         stops = set(req.stop_token_ids)
 
+        in_image = False  # host-side: inside an image body (after IMG, before EOI)
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True)
         cache = getattr(out, self._cache_arg)
         for step in range(req.max_new_tokens):
             started = time.perf_counter()
-            logits = out.logits[:, -1, :].float()
-            category, forced = constraints(state, self.tables)
-            visual = (category == CAT_VISUAL) & (forced < 0)
-            logits = mask_logits(guide(logits, partner, scale, visual), category, forced, self.tables)
-            top_k = torch.where(visual, im.top_k, ts.top_k)
-            top_p = torch.where(visual, im.top_p, ts.top_p)
-            temp = torch.where(visual, im.temperature, ts.temperature)
-            token = sample(logits[:1], top_k[:1], top_p[:1], temp[:1], k_cap, [gen], [k_cap], self._fallback)
-            tokens = token.expand(rows)
+            logits = out.logits[:, -1, :].float().clone()
+            chosen = next_tokens(logits, state, self.tables, guidance, text, image, k_cap,
+                                 [gen] + [None] * (rows - 1), [k_cap] * rows, self._fallback,
+                                 columns=sampling_columns([in_image], self.tables))
+            token = chosen[:1]
+            tokens = token.expand(rows)  # the uncond row takes the cond row's token (lockstep)
             advance(state, tokens, self.tables)
             t = int(token.item())
+            in_image = (in_image or t == self.tok.ids.img) and t != self.tok.ids.eoi
             if t in stops:
                 reason = "stop"
             elif step + 1 >= req.max_new_tokens:

