@@ -320,17 +320,15 @@ def sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, tempe
     cum = probs.cumsum(dim=-1)
     probs = probs.masked_fill((cum - probs) > top_p.float()[:, None], 0.0)
 
-    q = torch.ones_like(probs)
-    seeded = [False] * rows
-    for i, gen in enumerate(generators):
-        if gen is not None:
-            n = min(int(draws[i]), k_cap) if i < len(draws) else k_cap
-            q[i, :n].exponential_(generator=gen)
-            seeded[i] = True
-    if not all(seeded):
-        free = torch.tensor([not s for s in seeded], device=logits.device)
-        noise = torch.empty_like(probs).exponential_(generator=fallback)
-        q = torch.where(free[:, None], noise, q)
+    seeded = [i for i, gen in enumerate(generators) if gen is not None]
+    if len(seeded) == rows:
+        q = torch.ones_like(probs)
+    else:  # unseeded rows draw from the shared generator (built without any host-to-device copy)
+        q = torch.empty_like(probs).exponential_(generator=fallback)
+    for i in seeded:
+        n = min(int(draws[i]), k_cap) if i < len(draws) else k_cap
+        q[i, n:] = 1.0
+        q[i, :n].exponential_(generator=generators[i])
     choice = torch.argmax(probs / q, dim=-1)
     choice = torch.where(greedy, torch.zeros_like(choice), choice)
     return idx.gather(1, choice[:, None]).squeeze(1)
