@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from service.engine.request import GenerationRequest, TokenDelta
-from service.engine.rules import Guidance, RowState, SamplingColumns, VocabTables, advance, next_tokens, sampling_columns
+from service.engine.rules import Guidance, RowState, SamplingColumns, VocabTables, advance, effective_top_k, next_tokens, sampling_columns
 from service.lm_checkpoint import CheckpointError, Emu3Config
 from service.tokenizer import Emu35Tokenizer
 
@@ -74,7 +74,7 @@ class ReferenceEngine:
                                torch.full((rows,), ts.temperature, device=dev))
         image = SamplingColumns(torch.full((rows,), im.top_k, device=dev), torch.full((rows,), im.top_p, device=dev),
                                 torch.full((rows,), im.temperature, device=dev))
-        k_cap = max(_eff_k(ts.top_k, self.tok.vocab_size), _eff_k(im.top_k, self.tok.vocab_size))
+        k_cap = max(effective_top_k(ts.top_k, self.tok.vocab_size), effective_top_k(im.top_k, self.tok.vocab_size))
         gen = torch.Generator(self.device).manual_seed(req.seed) if req.seed is not None else None
         stops = set(req.stop_token_ids)
 
@@ -111,6 +111,3 @@ class ReferenceEngine:
     def generate_ids(self, req: GenerationRequest) -> list[int]:
         return [t for d in self.generate(req) for t in d.token_ids]
 
-
-def _eff_k(top_k: int, vocab: int) -> int:
-    return vocab if top_k <= 0 else min(top_k, vocab)

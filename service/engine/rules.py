@@ -298,6 +298,11 @@ def sampling_columns(in_image: Sequence[bool], tables: VocabTables) -> slice:
     return slice(None)
 
 
+def effective_top_k(top_k: int, vocab: int) -> int:
+    """How many candidates a top-k setting keeps (0 or less: the whole vocabulary)."""
+    return vocab if top_k <= 0 else min(top_k, vocab)
+
+
 def sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor,
            k_cap: int, generators: Sequence[torch.Generator | None] = (), draws: Sequence[int] = (),
            fallback: torch.Generator | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from service.engine.admission import blocks_for
 from service.engine.config import VllmEngineConfig
 from service.engine.pairing import UNCOND_SUFFIX, row_specs
 from service.engine.request import GenerationRequest, TokenDelta
@@ -167,7 +168,7 @@ class VllmEngine:
                 f"prompt ({longest} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
                 f"context of {self._max_model_len} tokens")
         if self.kv_blocks and self.block_size:
-            need = sum(-(-(len(p) + req.max_new_tokens) // self.block_size) for p in prompts)
+            need = sum(blocks_for(len(p) + req.max_new_tokens, self.block_size) for p in prompts)
             if need > self.kv_blocks - 1:
                 raise EngineRequestError(
                     f"the generation needs {need} KV blocks at full length; the engine has {self.kv_blocks - 1}")

@@ -25,7 +25,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from service.engine.pairing import COND, EXTRA_KEY, UNCOND, RowSpec
-from service.engine.rules import Guidance, RowState, SamplingColumns, VocabTables, advance, next_tokens, sampling_columns
+from service.engine.rules import Guidance, RowState, SamplingColumns, VocabTables, advance, effective_top_k, next_tokens, sampling_columns
 from service.tokenizer import Emu35Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,9 +73,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
         self.managed = torch.zeros(n, dtype=torch.bool, device=device)
         self.orphan = torch.zeros(n, dtype=torch.bool, device=device)
         self.pairs: list[tuple[int, int]] = []  # (cond row, uncond row) of every complete pair
-        self.partner = torch.full((n,), -1, dtype=torch.long, device=device)
         self.leader = torch.arange(n, dtype=torch.long, device=device)
-        self.scale = torch.ones(n, device=device)
         self.text_k = torch.ones(n, dtype=torch.long, device=device)
         self.img_k = torch.ones(n, dtype=torch.long, device=device)
         self.text_p = torch.ones(n, device=device)
@@ -116,7 +114,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
             gen = None
             if spec.seed is not None:
                 gen = torch.Generator(self.device).manual_seed(spec.seed)
-            draws = max(_eff_k(spec.text.top_k, self.vocab), _eff_k(spec.image.top_k, self.vocab))
+            draws = max(effective_top_k(spec.text.top_k, self.vocab), effective_top_k(spec.image.top_k, self.vocab))
             self.rows[index] = _Row(spec, out, 0, gen, draws)
             h, w = spec.target_grid or (0, 0)
             self.state.reset_rows(index, h, w)
@@ -133,7 +131,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
     def _rebuild_maps(self) -> None:
         """Pair links and per-row settings, recomputed only when the batch changes."""
         n = self.max_rows
-        managed, partner, leader = [False] * n, [-1] * n, list(range(n))
+        managed, leader = [False] * n, list(range(n))
         cols = {k: [1.0] * n for k in ("scale", "tp", "tt", "ip", "it")}
         tk, ik = [1] * n, [1] * n
         cond_at: dict[str, int] = {}
@@ -160,7 +158,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
                 logger.error("emu35: uncond row of pair %s has no cond row in the batch; failing it", pair)
                 orphan[u] = True
                 continue
-            partner[c], leader[u] = u, c
+            leader[u] = c
             pairs.append((c, u))
         for pair, c in cond_at.items():
             if pair not in uncond_at:
@@ -171,9 +169,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
         self.orphan.copy_(torch.tensor(orphan, device=dev))
         self.pairs = pairs
         self.any_orphan = any(orphan)
-        self.partner.copy_(torch.tensor(partner, device=dev))
         self.leader.copy_(torch.tensor(leader, device=dev))
-        self.scale.copy_(torch.tensor(cols["scale"], device=dev))
         self.text_k.copy_(torch.tensor(tk, device=dev))
         self.img_k.copy_(torch.tensor(ik, device=dev))
         self.text_p.copy_(torch.tensor(cols["tp"], device=dev))
@@ -256,6 +252,3 @@ class Emu35LogitsProcessor(LogitsProcessor):
             broken[c] = broken[u] = True
         return broken
 
-
-def _eff_k(top_k: int, vocab: int) -> int:
-    return vocab if top_k <= 0 else min(top_k, vocab)
