@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo bench-vq bench-engine proto clean
+.PHONY: install test browser demo bench-vq bench-engine proto clean
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# Debian's chromium for the playground's browser test (playwright drives it; no browser download)
+browser:
+	bash scripts/install-browser.sh
 
 demo: install
 	$(BIN)/python -m service serve --demo

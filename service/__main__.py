@@ -26,9 +26,9 @@ def _vis(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    from service.demo import demo_main
+    from service.server.run import serve_main
 
-    return demo_main(argv)
+    return serve_main(argv)
 
 
 COMMANDS = {"make-tiny": _make_tiny, "vis": _vis, "serve": _serve}

@@ -52,11 +52,23 @@ class GenerationOptions:
 
 
 def plan_request(tok: Emu35Tokenizer, task: Task | str, question: str, reference_grids: Sequence[np.ndarray],
-                 options: GenerationOptions, request_id: str) -> GenerationRequest:
-    """Everything the engine needs for one generation, with the task's defaults filled in."""
+                 options: GenerationOptions, request_id: str, max_model_len: int | None = None) -> GenerationRequest:
+    """Everything the engine needs for one generation, with the task's defaults filled in.
+
+    With ``max_model_len`` a default ``max_new_tokens`` is cut to what the context leaves after the
+    prompt (the release's 32,768 for interleaved tasks would otherwise never fit); an explicit one is
+    left for the engine to accept or refuse.
+    """
     task = Task(task)
     d = defaults_for(task, options.variant)
     prompts = build_prompts(tok, task, question, reference_grids)
+    max_new = options.max_new_tokens or d.max_new_tokens
+    if max_model_len is not None and options.max_new_tokens is None:
+        room = max_model_len - max(len(prompts.cond), len(prompts.uncond))
+        if room < 1:
+            raise ValueError(f"the prompt ({len(prompts.cond)} tokens) leaves no room in the model's context "
+                             f"of {max_model_len} tokens")
+        max_new = min(max_new, room)
     area = options.image_area or d.image_area
     if options.size:
         spec = parse_size_spec(options.size, area)
@@ -73,7 +85,7 @@ def plan_request(tok: Emu35Tokenizer, task: Task | str, question: str, reference
         cfg_scale=d.cfg_scale if options.cfg_scale is None else options.cfg_scale,
         text_sampling=options.text or d.text,
         image_sampling=options.image or d.image,
-        max_new_tokens=options.max_new_tokens or d.max_new_tokens,
+        max_new_tokens=max_new,
         stop_token_ids=stop,
         target_grid=target,
         seed=options.seed,

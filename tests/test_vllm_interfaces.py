@@ -123,6 +123,10 @@ def check_async_llm():
         assert callable(getattr(llm, name, None)), f"AsyncLLM.{name} is missing"
     assert "stat_loggers" in _params(llm.from_engine_args)
     assert _params(llm.generate)[1:4] == ["prompt", "sampling_params", "request_id"]
+    # the live count of unfinished requests the service exports (emu35_engine_unfinished_sequences)
+    processor = _attr("vllm.v1.engine.output_processor.OutputProcessor")
+    assert callable(getattr(processor, "get_num_unfinished_requests", None))
+    assert not _source_mentions(llm.__init__, "self.output_processor")
 
 
 def check_stats():

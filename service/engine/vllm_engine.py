@@ -16,42 +16,18 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from service.engine.admission import blocks_for
 from service.engine.config import VllmEngineConfig
 from service.engine.pairing import UNCOND_SUFFIX, row_specs
+from service.engine.protocol import EngineError, EngineRequestError, EngineStats, PairBrokenError
 from service.engine.request import GenerationRequest, TokenDelta
 from service.tokenizer import Emu35Tokenizer
 
+__all__ = ["VllmEngine", "EngineError", "EngineRequestError", "EngineStats", "PairBrokenError"]
+
 logger = logging.getLogger(__name__)
-
-
-class EngineError(RuntimeError):
-    """The engine could not run a generation (server side)."""
-
-
-class EngineRequestError(ValueError):
-    """The generation cannot be run as asked (client side: too long, duplicate id, …)."""
-
-
-class PairBrokenError(EngineError):
-    """A cond/uncond pair lost lockstep; the generation was failed rather than continued."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What the engine is doing now. Pairs count generations (a guided one is two vLLM sequences)."""
-
-    running_pairs: int
-    waiting_pairs: int
-    running_sequences: int  # vLLM's own count, from its last scheduler step
-    waiting_sequences: int
-    kv_usage: float  # fraction of the KV cache in use at the last step
-    steps: int  # scheduler steps seen
-    preempted_sequences: int  # sequences vLLM preempted since start (the pair scheduler keeps this 0)
-    peak_running_sequences: int  # most sequences vLLM ran in one step since start
 
 
 class _StatsSink:
@@ -144,9 +120,13 @@ class VllmEngine:
 
     def stats(self) -> EngineStats:
         running = sum(1 for started in self._inflight.values() if started)
+        unfinished = 0
+        if self._llm is not None:
+            with contextlib.suppress(Exception):
+                unfinished = int(self._llm.output_processor.get_num_unfinished_requests())
         return EngineStats(running, len(self._inflight) - running, self._stats.running, self._stats.waiting,
                            self._stats.kv_usage, self._stats.steps, self._stats.preempted,
-                           self._stats.peak_running)
+                           self._stats.peak_running, unfinished)
 
     # ---- requests -------------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:

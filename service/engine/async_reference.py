@@ -1,0 +1,150 @@
+"""The reference engine behind the async engine API, for machines without vLLM (and ``--engine reference``).
+
+The reference engine is synchronous and runs one generation at a time, so generations queue here and
+run one after another in a single worker thread; token deltas cross into the event loop through an
+``asyncio.Queue``. An abort is a flag the worker checks between decoding steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import AsyncIterator
+
+from service.engine.protocol import EngineError, EngineRequestError, EngineStats
+from service.engine.request import GenerationRequest, TokenDelta
+from service.tokenizer import Emu35Tokenizer
+
+_DONE = object()
+
+
+class AsyncReferenceEngine:
+    """:class:`~service.engine.reference.ReferenceEngine` with the :class:`AsyncEngine` API."""
+
+    def __init__(self, model_dir: str | Path, tokenizer: Emu35Tokenizer, device: str = "cpu",
+                 dtype: str = "auto", max_model_len: int | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self._max_model_len_setting = max_model_len
+        self._max_model_len = 0
+        self._engine = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._aborted: set[str] = set()
+        self._waiting: set[str] = set()
+        self._running: str | None = None
+        self._lock = threading.Lock()
+        self._steps = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def start(self) -> None:
+        import torch
+
+        from service.engine.reference import ReferenceEngine
+
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "float32" if self.device == "cpu" else "bfloat16"
+        self._engine = ReferenceEngine(self.model_dir, self.tokenizer, self.device, getattr(torch, dtype))
+        limit = int(self._engine.config.raw.get("max_position_embeddings", 32768))
+        self._max_model_len = min(limit, self._max_model_len_setting or limit)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="emu35-reference")
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._aborted |= self._waiting | ({self._running} if self._running else set())
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._engine = None
+
+    async def health(self) -> bool:
+        return self._engine is not None and self._pool is not None
+
+    def stats(self) -> EngineStats:
+        running = 1 if self._running else 0
+        rows = 2  # a guided generation is a batch of two rows
+        return EngineStats(running, len(self._waiting), running * rows, len(self._waiting) * rows, 0.0,
+                           self._steps, 0, rows, (running + len(self._waiting)) * rows)
+
+    def check(self, req: GenerationRequest) -> None:
+        if self._engine is None:
+            raise EngineError("engine is not started")
+        if req.request_id in self._waiting or req.request_id == self._running:
+            raise EngineRequestError(f"request id {req.request_id!r} is already running")
+        if req.max_new_tokens < 1:
+            raise EngineRequestError("max_new_tokens must be >= 1")
+        prompts = [req.cond_prompt] + ([req.uncond_prompt] if req.guided and req.uncond_prompt else [])
+        if any(not p for p in prompts):
+            raise EngineRequestError("empty prompt")
+        longest = max(len(p) for p in prompts)
+        if longest + req.max_new_tokens > self._max_model_len:
+            raise EngineRequestError(
+                f"prompt ({longest} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
+                f"context of {self._max_model_len} tokens")
+
+    def _run(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        """Worker thread: decode step by step, hand each delta to the loop, stop early on abort."""
+        rid = req.request_id
+        with self._lock:
+            self._waiting.discard(rid)
+            skip = rid in self._aborted
+            if not skip:
+                self._running = rid
+        try:
+            if skip:
+                loop.call_soon_threadsafe(queue.put_nowait, TokenDelta([], "abort"))
+                return
+            for delta in self._engine.generate(req):
+                self._steps += 1
+                if rid in self._aborted:
+                    loop.call_soon_threadsafe(queue.put_nowait, TokenDelta([], "abort"))
+                    return
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+                if delta.finished:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            with self._lock:
+                self._running = None
+                self._aborted.discard(rid)
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        self.check(req)
+        if self._pool is None:
+            raise EngineError("engine is not started")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._waiting.add(req.request_id)
+        self._pool.submit(self._run, req, loop, queue)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise EngineError(f"reference engine failed: {item}") from item
+                finished = finished or item.finished
+                yield item
+                if item.finished:
+                    break
+            if not finished:
+                yield TokenDelta([], "abort")
+        finally:
+            if not finished:
+                await self.abort(req.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._waiting or request_id == self._running:
+                self._aborted.add(request_id)

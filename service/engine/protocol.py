@@ -1,0 +1,63 @@
+"""What the service needs from an engine, whichever one runs (vLLM or the reference engine).
+
+The HTTP and task layers only see this protocol, the request/delta types and the errors below, so an
+engine can be swapped by a setting and tests can use either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from service.engine.request import GenerationRequest, TokenDelta
+
+
+class EngineError(RuntimeError):
+    """The engine could not run a generation (server side)."""
+
+
+class EngineRequestError(ValueError):
+    """The generation cannot be run as asked (client side: too long, duplicate id, …)."""
+
+
+class PairBrokenError(EngineError):
+    """A cond/uncond pair lost lockstep; the generation was failed rather than continued."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine is doing now. Pairs count generations (a guided one is two vLLM sequences)."""
+
+    running_pairs: int
+    waiting_pairs: int
+    running_sequences: int  # the engine's own count, from its last scheduler step
+    waiting_sequences: int
+    kv_usage: float  # fraction of the KV cache in use at the last step
+    steps: int  # scheduler steps seen
+    preempted_sequences: int  # sequences preempted since start (the pair scheduler keeps this 0)
+    peak_running_sequences: int  # most sequences run in one step since start
+    unfinished_sequences: int = 0  # sequences the engine still tracks now (live, not from the last step)
+
+
+class AsyncEngine(Protocol):
+    """The engine API the service holds for its whole life."""
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def start(self) -> None:
+        """Load the model; call from the thread that runs the event loop."""
+
+    def shutdown(self) -> None: ...
+
+    async def health(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def check(self, req: GenerationRequest) -> None:
+        """Raise :class:`EngineRequestError` when ``req`` can never run on this engine."""
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """The cond sequence's new ids as they come; closing the iterator aborts the generation."""
+
+    async def abort(self, request_id: str) -> None: ...

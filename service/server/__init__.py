@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI app, settings, routes, serving classes, metrics. It never touches tensors."""

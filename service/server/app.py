@@ -1,0 +1,163 @@
+"""The FastAPI application: lifespan (start and stop the runtime), middleware, routes, error handlers.
+
+``create_app`` only builds objects; nothing is loaded until the app's lifespan starts, and then in
+the background, so ``/health`` answers at once and ``/ready`` turns true when the model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.server.errors import APIError, error_body
+from service.server.playground import router as playground
+from service.server.routes import api, system
+from service.server.runtime import Runtime
+from service.server.serving_generation import ServingGeneration
+from service.server.serving_openai import ServingOpenAIImages
+from service.server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Endpoint label of a path in the metrics (unknown paths share one label: bounded cardinality). The
+#: generation endpoints use the same labels in the latency histograms.
+ENDPOINT_LABELS = {
+    "/v1/t2i": "t2i", "/v1/x2i": "x2i", "/v1/guidance": "guidance", "/v1/narrative": "narrative",
+    "/v1/generate": "generate", "/v1/images/generations": "images_generations", "/v1/images/edits": "images_edits",
+    "/v1/models": "models", "/v1/records": "records", "/health": "health", "/ready": "ready", "/metrics": "metrics",
+    "/": "playground",
+}
+
+
+def endpoint_label(path: str) -> str:
+    if path in ENDPOINT_LABELS:
+        return ENDPOINT_LABELS[path]
+    if path.startswith("/v1/records/"):
+        return "records"
+    return "other"
+
+
+class RequestMetricsMiddleware:
+    """Counts every answered request by endpoint and status (errors from any layer included)."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app, self.runtime = app, runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            label = endpoint_label(scope.get("path", ""))
+            self.runtime.metrics.requests.labels(label, str(status["code"])).inc()
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over ``limit`` bytes with 413, by Content-Length up front or while streaming in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await _send_error(send, APIError(413, f"request body is larger than {self.limit} bytes", "body_too_large"))
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise APIError(413, f"request body is larger than {self.limit} bytes", "body_too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_error(send: Send, exc: APIError) -> None:
+    import json
+
+    body = json.dumps(exc.body()).encode()
+    await send({"type": "http.response.start", "status": exc.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """Three images as base64 plus room for the other fields."""
+    return 3 * (settings.max_image_bytes * 4 // 3 + 1024) + 2**20
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    runtime = runtime or Runtime(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(runtime.start())
+        app.state.loading = loading
+        try:
+            yield
+        finally:
+            runtime.begin_drain()
+            await runtime.drain(settings.shutdown_grace_seconds)
+            if not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await loading
+            await runtime.stop()
+
+    app = FastAPI(
+        title="emu35-serve",
+        version=__version__,
+        summary="Emu3.5 text-to-image, any-to-image, visual guidance and visual narrative",
+        description="Emu3.5's own endpoints (JSON or server-sent events), an OpenAI-compatible image API, "
+                    "and operations endpoints. Errors use one shape: {\"error\": {message, type, param, code}}.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.serving_generation = ServingGeneration(runtime)
+    app.state.serving_openai = ServingOpenAIImages(runtime)
+    from service.server.errors import install_handlers
+
+    install_handlers(app)
+    app.include_router(system)
+    app.include_router(api)
+    app.include_router(playground)
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes(settings))
+    app.add_middleware(RequestMetricsMiddleware, runtime=runtime)
+    return app
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """What the service runs with, for the startup log (no secrets)."""
+    data = settings.model_dump(mode="json", exclude={"api_key"})
+    data["api_key"] = "set" if settings.api_key else None
+    data["engine"] = settings.engine_kind
+    data["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return data
+
+
+__all__ = ["create_app", "endpoint_label", "error_body", "describe"]

@@ -1,0 +1,88 @@
+"""FastAPI dependencies: the runtime, bearer-token auth, content types, and multipart forms."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from service.server.errors import APIError, bad_request
+from service.server.runtime import Runtime
+
+_bearer = HTTPBearer(auto_error=False, description="the service's API key (--api-key), when one is set")
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                          runtime: Runtime = Depends(get_runtime)) -> None:
+    """Every route but /health and /ready needs ``Authorization: Bearer <key>`` when a key is set."""
+    key = runtime.settings.api_key
+    if key is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)", "invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_json(request: Request) -> bool:
+    ct = content_type(request)
+    return ct == "application/json" or ct.endswith("+json")
+
+
+async def require_json(request: Request) -> None:
+    if request.method == "POST" and not is_json(request):
+        raise APIError(415, f"send the request as application/json (got {content_type(request) or 'no type'!r})",
+                       "unsupported_media_type")
+
+
+#: Form fields holding JSON objects (sampling overrides) in a multipart request.
+JSON_FORM_FIELDS = frozenset({"text_sampling", "image_sampling"})
+
+
+async def read_multipart(request: Request, file_fields: frozenset[str], max_files: int,
+                         max_bytes: int) -> tuple[dict[str, Any], list[str | bytes]]:
+    """A multipart form → (scalar fields, file contents in order). Files may come under any name in
+    ``file_fields`` (``image``, ``image[]``, …) as uploads (bytes) or as base64 / data-URL text (str);
+    a repeated scalar field is an error."""
+    if content_type(request) != "multipart/form-data":
+        raise APIError(415, "send the request as application/json or multipart/form-data", "unsupported_media_type")
+    try:
+        form = await request.form(max_files=max_files, max_fields=64, max_part_size=max_bytes)
+    except MultiPartException as exc:
+        raise bad_request(f"malformed multipart body: {exc.message}", "invalid_multipart") from None
+    fields: dict[str, Any] = {}
+    files: list[str | bytes] = []
+    try:
+        for name, value in form.multi_items():
+            if name in file_fields:
+                data = await value.read() if isinstance(value, UploadFile) else value
+                if isinstance(data, bytes) and len(data) > max_bytes:
+                    raise APIError(413, f"image is larger than {max_bytes} bytes", "image_too_large", name)
+                files.append(data)
+            elif isinstance(value, UploadFile):
+                raise bad_request(f"unexpected file field {name!r}", "unknown_field", name)
+            elif name in fields:
+                raise bad_request(f"field {name!r} is given more than once", "invalid_value", name)
+            elif name in JSON_FORM_FIELDS:
+                try:
+                    fields[name] = json.loads(value)
+                except json.JSONDecodeError:
+                    raise bad_request(f"{name} must be a JSON object", "invalid_value", name) from None
+            else:
+                fields[name] = value
+    finally:
+        await form.close()
+    return fields, files

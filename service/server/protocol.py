@@ -1,0 +1,230 @@
+"""The API's request and response models (they are also the OpenAPI schema).
+
+Requests forbid unknown fields: a typo such as ``guidence_scale`` is a 400 naming the field, not a
+silently ignored setting. Defaults are the task's (DESIGN §4) unless a field is given.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.prompts import ASPECT_RATIOS, Task
+
+MAX_PROMPT_CHARS = 100_000
+MAX_SEED = 2**63 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingOverrides(_Strict):
+    """Sampling of one kind of token; a missing field keeps the task's default."""
+
+    top_k: int | None = Field(None, ge=1, description="keep the k most likely tokens")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass")
+    temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy")
+
+
+class GenerationParams(_Strict):
+    """Fields every Emu3.5 generation endpoint takes."""
+
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="the user's question / instruction")
+    size: str | None = Field(
+        None, description="'WIDTHxHEIGHT' in pixels (multiples of 16), 'auto' (the model chooses), "
+                          "'match_reference' (the last reference image's grid) or an aspect ratio")
+    aspect_ratio: str | None = Field(
+        None, description=f"one of {', '.join(ASPECT_RATIOS)}, 'default' or 'auto'; scaled to the image area")
+    guidance_scale: float | None = Field(None, ge=1, le=50, description="classifier-free guidance scale")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    max_new_tokens: int | None = Field(None, ge=1, description="cap on generated tokens")
+    text_sampling: SamplingOverrides | None = None
+    image_sampling: SamplingOverrides | None = None
+    image_area: int | None = Field(None, ge=256, le=4096 * 4096,
+                                   description="pixels of generated and reference images (aspect sizes scale)")
+    stream: bool = Field(False, description="answer as server-sent events")
+    preview_every_rows: int | None = Field(
+        None, ge=1, description="when streaming, attach a decoded preview every N rows of an image")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _known_ratio(cls, v: str | None) -> str | None:
+        if v is not None and v not in ASPECT_RATIOS and v not in ("default", "auto"):
+            raise ValueError(f"unknown aspect ratio {v!r}; use one of {', '.join(ASPECT_RATIOS)}, default, auto")
+        return v
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "GenerationParams":
+        if self.size is not None and self.aspect_ratio is not None:
+            raise ValueError("give either size or aspect_ratio, not both")
+        return self
+
+    def size_spec(self) -> str | None:
+        """The size as the prompt layer's size specification (None: the task's default)."""
+        if self.aspect_ratio is not None:
+            return self.aspect_ratio
+        return self.size
+
+
+class ImageInputs(_Strict):
+    images: list[str] = Field(default_factory=list, max_length=3,
+                              description="reference images: base64 or data URLs (PNG, JPEG, WebP, BMP, GIF)")
+
+
+class T2IRequest(GenerationParams):
+    """Text to image."""
+
+
+class X2IRequest(GenerationParams, ImageInputs):
+    """Any to image: edit or compose from 1–3 reference images."""
+
+    images: list[str] = Field(..., min_length=1, max_length=3,
+                              description="1–3 reference images: base64 or data URLs")
+
+
+class InterleavedRequest(GenerationParams, ImageInputs):
+    """Visual guidance / narrative: interleaved text and images, optionally from reference images."""
+
+
+class GenerateRequest(InterleavedRequest):
+    """Any task, named explicitly (``explore``, ``vla``, or any of the others)."""
+
+    task: Task
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(..., description="PNG, base64")
+    width: int
+    height: int
+
+
+class SegmentData(BaseModel):
+    type: Literal["text", "image", "global_cot", "image_cot"]
+    text: str | None = None
+    image_index: int | None = None
+
+
+class UsageData(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    visual_tokens: int
+
+
+class Timings(BaseModel):
+    seconds: float
+    time_to_first_token: float | None
+
+
+class GenerationResponse(BaseModel):
+    id: str
+    object: Literal["emu35.generation"] = "emu35.generation"
+    created: int
+    model: str
+    task: Task
+    images: list[ImageData]
+    text: str
+    segments: list[SegmentData]
+    record: str = Field(..., description="the emu3p5.story.Story record (.pb), base64")
+    usage: UsageData
+    finish_reason: Literal["stop", "length", "abort"]
+    timings: Timings
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ---- OpenAI-compatible image API ------------------------------------------------------------------
+
+
+class OpenAIImageParams(_Strict):
+    """OpenAI's image request fields (those that mean nothing here are accepted and ignored) plus
+    Emu3.5's own (``guidance_scale``, ``seed``, ``image_area``, sampling) as extensions."""
+
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=4)
+    size: str | None = Field(None, description="'auto' or WIDTHxHEIGHT (multiples of 16)")
+    quality: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    style: str | None = None
+    moderation: str | None = None
+    user: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
+    guidance_scale: float | None = Field(None, ge=1, le=50)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    image_area: int | None = Field(None, ge=256, le=4096 * 4096)
+    max_new_tokens: int | None = Field(None, ge=1)
+    text_sampling: SamplingOverrides | None = None
+    image_sampling: SamplingOverrides | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class OpenAIImageEditParams(OpenAIImageParams):
+    input_fidelity: str | None = None
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class OpenAIInputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class OpenAIUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: OpenAIInputTokensDetails
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    output_format: str
+    size: str
+    usage: OpenAIUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "emu35-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

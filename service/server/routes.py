@@ -1,0 +1,187 @@
+"""The routes: thin functions that validate, hand over to a serving class, and document the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from service.prompts import Task
+from service.server.deps import get_runtime, is_json, read_multipart, require_api_key, require_json
+from service.server.errors import APIError, validation_error
+from service.server.metrics import CONTENT_TYPE
+from service.server.protocol import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerationResponse,
+    InterleavedRequest,
+    ModelCard,
+    ModelList,
+    OpenAIImageEditParams,
+    OpenAIImageParams,
+    OpenAIImagesResponse,
+    T2IRequest,
+    X2IRequest,
+)
+from service.server.records import valid_record_id
+from service.server.runtime import Runtime
+from service.server.serving_generation import ServingGeneration
+from service.server.serving_openai import ServingOpenAIImages
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "invalid request"), (401, "missing or wrong API key"), (413, "image too large"),
+                       (415, "wrong content type"), (429, "at capacity (see Retry-After)"),
+                       (503, "loading or shutting down"))
+}
+_GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the generation (JSON), or server-sent events when `stream` is true or the client "
+                         "accepts `text/event-stream`: text, global_cot, image_cot, image_start, image_progress, "
+                         "image, done, error",
+          "content": {"text/event-stream": {}}},
+    **_ERRORS,
+}
+
+system = APIRouter(tags=["operations"])
+api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+def _generation(request: Request) -> ServingGeneration:
+    return request.app.state.serving_generation
+
+
+def _openai(request: Request) -> ServingOpenAIImages:
+    return request.app.state.serving_openai
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False)) from None
+
+
+def _multipart_openapi(model: type[BaseModel], files: str) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    schema["properties"][files] = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"content": {"multipart/form-data": {"schema": schema}}, "required": True}}
+
+
+# ---- operations -----------------------------------------------------------------------------------
+
+
+@system.get("/health", summary="the process is alive")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@system.get("/ready", summary="the engine and the VQ worker are loaded and answering",
+            responses={503: {"description": "loading, failed or shutting down"}})
+async def ready(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
+    ok = await runtime.ready()
+    body: dict[str, Any] = {"status": "ready" if ok else runtime.state}
+    if runtime.error:
+        body["error"] = runtime.error
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@system.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(require_api_key)])
+async def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
+    return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@api.get("/models", response_model=ModelList, tags=["openai"])
+async def models(runtime: Runtime = Depends(get_runtime)) -> ModelList:
+    return ModelList(data=[ModelCard(id=runtime.settings.served_model_name, created=int(runtime.started_at))])
+
+
+@api.get("/records/{record_id}", tags=["emu3.5"], summary="a finished generation's .pb record",
+         responses={200: {"content": {"application/x-protobuf": {}}}, 404: {"model": ErrorResponse}})
+async def record(record_id: str, runtime: Runtime = Depends(get_runtime)) -> Response:
+    if runtime.records is None:
+        raise APIError(404, "records are not kept: start the service with --output-dir", "records_disabled")
+    if not valid_record_id(record_id):
+        raise APIError(400, f"invalid record id {record_id!r}", "invalid_record_id", "record_id")
+    data = runtime.records.load(record_id)
+    if data is None:
+        raise APIError(404, f"no record {record_id!r}", "record_not_found", "record_id")
+    return Response(data, media_type="application/x-protobuf",
+                    headers={"Content-Disposition": f'attachment; filename="{record_id}.pb"'})
+
+
+# ---- Emu3.5 endpoints -----------------------------------------------------------------------------
+
+
+@api.post("/t2i", tags=["emu3.5"], summary="text to image", response_model=GenerationResponse,
+          responses=_GENERATION_RESPONSES, dependencies=[Depends(require_json)])
+async def t2i(body: T2IRequest, request: Request) -> Response:
+    return await _generation(request).create("t2i", Task.T2I, body, [], request)
+
+
+@api.post("/x2i", tags=["emu3.5"], summary="edit / compose from 1–3 reference images (JSON or multipart)",
+          response_model=GenerationResponse, responses=_GENERATION_RESPONSES,
+          openapi_extra={"requestBody": {"content": {
+              "application/json": {"schema": X2IRequest.model_json_schema()},
+              **_multipart_openapi(X2IRequest, "images")["requestBody"]["content"]}, "required": True}})
+async def x2i(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    s = runtime.settings
+    if is_json(request):
+        try:
+            data = await request.json()
+        except ValueError:
+            raise APIError(400, "request body is not valid JSON", "invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object", "invalid_json")
+        body = _validate(X2IRequest, data)
+        images: list[str | bytes] = list(body.images)
+    else:
+        fields, images = await read_multipart(request, frozenset({"images", "images[]", "image", "image[]"}),
+                                              max_files=4, max_bytes=s.max_image_bytes)
+        body = _validate(X2IRequest, {**fields, "images": ["-"] * len(images)})
+    return await _generation(request).create("x2i", Task.X2I, body, images, request)
+
+
+@api.post("/guidance", tags=["emu3.5"], summary="visual guidance: interleaved how-to answer (task howto)",
+          response_model=GenerationResponse, responses=_GENERATION_RESPONSES, dependencies=[Depends(require_json)])
+async def guidance(body: InterleavedRequest, request: Request) -> Response:
+    return await _generation(request).create("guidance", Task.HOWTO, body, list(body.images), request)
+
+
+@api.post("/narrative", tags=["emu3.5"], summary="visual narrative: interleaved story (task story)",
+          response_model=GenerationResponse, responses=_GENERATION_RESPONSES, dependencies=[Depends(require_json)])
+async def narrative(body: InterleavedRequest, request: Request) -> Response:
+    return await _generation(request).create("narrative", Task.STORY, body, list(body.images), request)
+
+
+@api.post("/generate", tags=["emu3.5"], summary="any task, named explicitly (explore, vla, …)",
+          response_model=GenerationResponse, responses=_GENERATION_RESPONSES, dependencies=[Depends(require_json)])
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    return await _generation(request).create("generate", body.task, body, list(body.images), request)
+
+
+# ---- OpenAI-compatible image API ------------------------------------------------------------------
+
+
+@api.post("/images/generations", tags=["openai"], summary="OpenAI: create an image",
+          response_model=OpenAIImagesResponse, responses=_ERRORS, dependencies=[Depends(require_json)])
+async def images_generations(body: OpenAIImageParams, request: Request) -> Response:
+    return await _openai(request).create("images_generations", Task.T2I, body, [], request)
+
+
+@api.post("/images/edits", tags=["openai"], summary="OpenAI: edit images (multipart)",
+          response_model=OpenAIImagesResponse, responses=_ERRORS,
+          openapi_extra=_multipart_openapi(OpenAIImageEditParams, "image"))
+async def images_edits(request: Request) -> Response:
+    s = request.app.state.runtime.settings
+    fields, images = await read_multipart(request, frozenset({"image", "image[]"}), max_files=4,
+                                          max_bytes=s.max_image_bytes)
+    if "mask" in fields:
+        raise APIError(400, "masks are not supported: describe the edit in the prompt", "unsupported_value", "mask")
+    body = _validate(OpenAIImageEditParams, fields)
+    if not 1 <= len(images) <= 3:
+        raise APIError(400, f"send 1 to 3 images (field 'image' or 'image[]'), got {len(images)}",
+                       "invalid_image_count", "image")
+    return await _openai(request).create("images_edits", Task.X2I, body, images, request)

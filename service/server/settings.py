@@ -1,0 +1,141 @@
+"""Service settings: command-line flags, ``EMU35_*`` environment variables, defaults — one model.
+
+``emu35-serve --max-concurrent 4`` and ``EMU35_MAX_CONCURRENT=4`` set the same field (flags win over
+the environment). ``--demo`` fills in the built-in tiny checkpoints and CPU devices for whatever was not
+set explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.prompts import ModelVariant
+
+ENV_PREFIX = "EMU35_"
+#: Image area (px) every task uses in ``--demo`` unless set: a 13×18-token T2I image, seconds on a CPU.
+DEMO_IMAGE_AREA = 256 * 256
+#: Context of the demo engine (the tiny model's answers are a few hundred tokens).
+DEMO_MAX_MODEL_LEN = 4096
+
+
+def default_accelerator() -> str:
+    """``npu:0`` where torch_npu is installed (Ascend images), else ``cuda:0`` when CUDA works, else ``cpu``."""
+    if importlib.util.find_spec("torch_npu") is not None:
+        return "npu:0"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda:0"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return "cpu"
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told. Paths are folders in the release's formats (DESIGN §6)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="emu35-serve",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # ---- model ------------------------------------------------------------------------------------
+    model: Path | None = Field(None, description="Emu3.5 checkpoint folder (config.json + safetensors)")
+    vq_model: Path | None = Field(None, description="IBQ vision tokenizer folder (config.yaml + model.ckpt)")
+    tokenizer: Path | None = Field(
+        None, description="tokenizer folder (emu3.tiktoken + emu3_vision_tokens.txt); default: --model")
+    model_variant: ModelVariant = Field(
+        ModelVariant.EMU35, description="which release the weights are: its per-task defaults (DESIGN §4)")
+    served_model_name: str = Field("emu3.5", min_length=1, description="model id in /v1/models and OpenAI APIs")
+
+    # ---- engine -----------------------------------------------------------------------------------
+    engine: Literal["auto", "vllm", "reference"] = Field(
+        "auto", description="vllm (default when installed) or the reference engine (transformers)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size (NPUs/GPUs)")
+    device: str = Field("auto", description="reference engine device: cpu, cuda:N, npu:N (auto: best present)")
+    vq_device: str = Field("auto", description="VQ worker device (auto: npu:0 with torch_npu, else cuda:0, else cpu)")
+    dtype: str = Field("auto", description="weights dtype: auto, bfloat16, float16, float32")
+    max_model_len: int | None = Field(None, ge=64, description="context length (default: the model's)")
+    gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vLLM's share of accelerator memory")
+    quantization: str | None = Field(None, description="vLLM quantization, e.g. 'ascend' for W8A8 weights")
+    enforce_eager: bool = Field(False, description="never capture graphs (debugging)")
+
+    # ---- admission --------------------------------------------------------------------------------
+    max_concurrent: int = Field(4, ge=1, description="generations running at once (engine pairs)")
+    max_queue: int = Field(16, ge=0, description="further requests that may wait for a slot; then 429")
+    image_area: int | None = Field(
+        None, ge=256, description="image area in px for every task (default: the task's, DESIGN §4)")
+    max_image_bytes: int = Field(20 * 2**20, ge=1024, description="largest accepted upload per image")
+    max_image_pixels: int = Field(40_000_000, ge=64, description="largest accepted image (width × height)")
+
+    # ---- HTTP -------------------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    api_key: SecretStr | None = Field(None, description="bearer token required on every route but /health, /ready")
+    output_dir: Path | None = Field(None, description="write each record as <id>.pb here; serve at /v1/records/{id}")
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="time in-flight work gets to finish on SIGTERM")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    demo: bool = Field(False, description="serve the built-in tiny model on CPU (built once, cached)")
+
+    @model_validator(mode="after")
+    def _need_a_model(self) -> "Settings":
+        if not self.demo and self.model is None:
+            raise ValueError("set --model (EMU35_MODEL) and --vq-model, or run with --demo")
+        if not self.demo and self.vq_model is None:
+            raise ValueError("set --vq-model (EMU35_VQ_MODEL) to the IBQ vision tokenizer folder")
+        return self
+
+    # ---- derived ----------------------------------------------------------------------------------
+    def with_demo_defaults(self, tiny_dir: Path) -> "Settings":
+        """The demo: tiny checkpoints, CPU, small images and context, unless set explicitly."""
+        given = self.model_fields_set
+        update: dict = {}
+        if "model" not in given:
+            update["model"] = tiny_dir / "model"
+        if "vq_model" not in given:
+            update["vq_model"] = tiny_dir / "vq"
+        if "tokenizer" not in given:
+            update["tokenizer"] = tiny_dir / "tokenizer"
+        for key, value in (("device", "cpu"), ("vq_device", "cpu"), ("dtype", "float32"),
+                           ("image_area", DEMO_IMAGE_AREA), ("max_model_len", DEMO_MAX_MODEL_LEN)):
+            if key not in given:
+                update[key] = value
+        return self.model_copy(update=update)
+
+    @property
+    def engine_kind(self) -> Literal["vllm", "reference"]:
+        if self.engine == "auto":
+            return "vllm" if vllm_available() else "reference"
+        return self.engine
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.tokenizer or self.model  # type: ignore[return-value]
+
+    @property
+    def resolved_device(self) -> str:
+        return default_accelerator() if self.device == "auto" else self.device
+
+    @property
+    def resolved_vq_device(self) -> str:
+        return default_accelerator() if self.vq_device == "auto" else self.vq_device
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from flags (``argv``; None: none), then ``EMU35_*`` variables, then defaults."""
+    return Settings(_cli_parse_args=list(argv or []))

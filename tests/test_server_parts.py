@@ -1,0 +1,356 @@
+"""The service's parts without a server: settings, admission, image uploads, records, the VQ worker, the
+reference engine behind the async API, and the task layer's event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+from PIL import Image
+
+from service.server.errors import APIError
+from service.server.image_io import image_bytes_from_text, open_image
+from service.server.limiter import AdmissionLimiter, Overloaded
+from service.server.records import RecordStore, valid_record_id
+from service.server.settings import DEMO_IMAGE_AREA, Settings, load_settings
+
+
+def png(w=32, h=24, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ---- settings ---------------------------------------------------------------------------------------
+
+
+def test_flags_override_environment_and_env_overrides_defaults(monkeypatch):
+    monkeypatch.setenv("EMU35_MAX_CONCURRENT", "3")
+    monkeypatch.setenv("EMU35_DEMO", "true")
+    s = load_settings([])
+    assert s.max_concurrent == 3 and s.demo
+    s = load_settings(["--max-concurrent", "5", "--api-key", "k", "--engine", "reference"])
+    assert s.max_concurrent == 5 and s.api_key.get_secret_value() == "k" and s.engine_kind == "reference"
+
+
+def test_settings_need_a_model_unless_demo(monkeypatch):
+    for k in ("EMU35_DEMO", "EMU35_MODEL", "EMU35_VQ_MODEL"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match="--model"):
+        load_settings([])
+    with pytest.raises(ValueError, match="max_concurrent"):
+        load_settings(["--demo", "--max-concurrent", "0"])
+
+
+def test_demo_defaults_fill_only_what_was_not_set(tmp_path):
+    s = Settings(demo=True, image_area=128 * 128).with_demo_defaults(tmp_path)
+    assert s.model == tmp_path / "model" and s.vq_model == tmp_path / "vq" and s.tokenizer_dir == tmp_path / "tokenizer"
+    assert s.image_area == 128 * 128 and s.resolved_device == "cpu" and s.resolved_vq_device == "cpu"
+    assert Settings(demo=True).with_demo_defaults(tmp_path).image_area == DEMO_IMAGE_AREA
+
+
+def test_serve_reports_bad_flags_without_a_traceback(capsys):
+    from service.server.run import serve_main
+
+    assert serve_main(["--demo", "--port", "99999"]) == 2
+    assert "port" in capsys.readouterr().err
+
+
+# ---- admission ---------------------------------------------------------------------------------------
+
+
+def test_limiter_admits_queues_in_order_then_refuses():
+    async def scenario():
+        lim = AdmissionLimiter(slots=2, queue=2)
+        a, b = await lim.acquire(), await lim.acquire()
+        order: list[str] = []
+
+        async def wait(name):
+            slot = await lim.acquire()
+            order.append(name)
+            return slot
+
+        c = asyncio.create_task(wait("c"))
+        d = asyncio.create_task(wait("d"))
+        await asyncio.sleep(0)
+        assert lim.waiting == 2 and lim.active == 2
+        with pytest.raises(Overloaded) as exc:
+            await lim.acquire()
+        assert exc.value.retry_after >= 1
+        a.release()
+        a.release()  # idempotent
+        sc = await c
+        b.release()
+        sd = await d
+        assert order == ["c", "d"] and lim.active == 2 and lim.waiting == 0
+        sc.release(), sd.release()
+        assert lim.active == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_waiter_gives_its_place_back():
+    async def scenario():
+        lim = AdmissionLimiter(slots=1, queue=1)
+        held = await lim.acquire()
+        waiter = asyncio.create_task(lim.acquire())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert lim.waiting == 0
+        held.release()
+        assert lim.active == 0
+        (await lim.acquire()).release()
+
+    asyncio.run(scenario())
+
+
+# ---- image uploads -----------------------------------------------------------------------------------
+
+
+def test_data_urls_and_plain_base64_decode_to_the_same_image():
+    raw = png()
+    plain = image_bytes_from_text(base64.b64encode(raw).decode(), 10**6, "images[0]")
+    url = image_bytes_from_text("data:image/png;base64," + base64.b64encode(raw).decode(), 10**6, "images[0]")
+    assert plain == url == raw
+    im = open_image(raw, 10**6, 10**6, "images[0]")
+    assert im.mode == "RGB" and im.size == (32, 24)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP", "GIF"])
+def test_common_formats_are_read(fmt):
+    assert open_image(png(fmt=fmt), 10**6, 10**6, "x").size == (32, 24)
+
+
+@pytest.mark.parametrize("text,status,code", [
+    ("###", 400, "invalid_base64"),
+    ("data:application/pdf;base64,AAAA", 400, "unsupported_image_type"),
+    ("data:image/png,notbase64", 400, "invalid_image"),
+    ("", 400, "invalid_image"),
+    ("A" * 2000, 413, "image_too_large"),
+])
+def test_bad_image_text_is_a_client_error(text, status, code):
+    with pytest.raises(APIError) as exc:
+        image_bytes_from_text(text, 1000, "images[0]")
+    assert (exc.value.status, exc.value.code, exc.value.param) == (status, code, "images[0]")
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(APIError) as exc:
+        open_image(png(400, 300), 10**6, 400 * 300 - 1, "image")
+    assert exc.value.code == "image_too_many_pixels"
+
+
+def test_unsupported_and_corrupt_images_are_refused():
+    tiff = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiff, format="TIFF")
+    with pytest.raises(APIError, match="unsupported image format"):
+        open_image(tiff.getvalue(), 10**6, 10**6, "image")
+    with pytest.raises(APIError, match="not a readable image"):
+        open_image(png()[:50], 10**6, 10**6, "image")
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_escape_as_anything_but_an_api_error(data):
+    try:
+        open_image(data, 10**6, 10**6, "image")
+    except APIError as exc:
+        assert 400 <= exc.status < 500
+
+
+# ---- records -----------------------------------------------------------------------------------------
+
+
+def test_record_store_writes_atomically_and_refuses_odd_ids(tmp_path):
+    store = RecordStore(tmp_path / "r")
+    path = store.save("gen-1", b"abc")
+    assert path.read_bytes() == b"abc" and store.load("gen-1") == b"abc" and store.load("gen-2") is None
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["gen-1.pb"]  # no temporary left behind
+    for bad in ("../x", "a/b", "..", "", "a..b", ".hidden"):
+        assert not valid_record_id(bad)
+        with pytest.raises(ValueError):
+            store.path(bad)
+
+
+# ---- VQ worker ---------------------------------------------------------------------------------------
+
+
+class _CountingCodec:
+    """Stands in for the tokenizer: records each call's batch so merging can be checked."""
+
+    downsample = 16
+
+    def __init__(self):
+        self.calls: list[tuple[str, int]] = []
+        self.gate = threading.Event()
+
+    def encode(self, images, area):
+        self.gate.wait(5)
+        self.calls.append(("encode", len(images)))
+        return [np.full((1, 1), im.width, dtype=np.int64) for im in images]
+
+    def decode(self, grids):
+        self.gate.wait(5)
+        self.calls.append(("decode", len(grids)))
+        return [Image.new("RGB", (g.shape[1] * 16, g.shape[0] * 16)) for g in grids]
+
+
+def test_vq_worker_merges_waiting_jobs_and_keeps_order():
+    from service.vq.worker import VqWorker
+
+    codec = _CountingCodec()
+    seen: list[tuple[str, int]] = []
+    worker = VqWorker(lambda: codec, observer=lambda kind, seconds, n: seen.append((kind, n)))
+    worker.start(10)
+
+    async def scenario():
+        first = asyncio.create_task(worker.decode([np.zeros((2, 3), dtype=np.int64)]))
+        await asyncio.sleep(0.05)  # the worker took the first job and waits on the gate
+        jobs = [worker.decode([np.zeros((1, i + 1), dtype=np.int64)]) for i in range(3)]
+        jobs.append(worker.encode([Image.new("RGB", (w, 8)) for w in (16, 32)], area=None))
+        tasks = [asyncio.create_task(j) for j in jobs]
+        await asyncio.sleep(0.05)
+        codec.gate.set()
+        out = await asyncio.gather(first, *tasks)
+        return out
+
+    try:
+        out = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert out[0][0].size == (48, 32)
+    assert [im[0].size for im in out[1:4]] == [(16, 16), (32, 16), (48, 16)]
+    assert [int(g[0, 0]) for g in out[4]] == [16, 32]
+    assert codec.calls == [("decode", 1), ("decode", 3), ("encode", 2)]  # three waiting decodes in one call
+    assert seen == codec.calls
+
+
+def test_vq_worker_reports_a_failed_load():
+    from service.vq.worker import VqWorker
+
+    def broken():
+        raise FileNotFoundError("no such checkpoint")
+
+    with pytest.raises(FileNotFoundError):
+        VqWorker(broken).start(10)
+
+
+# ---- the task layer over the reference engine ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_dir, tiny_tokenizer):
+    from service.engine.async_reference import AsyncReferenceEngine
+    from service.streaming import GenerationRunner
+    from service.vq import VisionTokenizer
+    from service.vq.worker import VqWorker
+
+    engine = AsyncReferenceEngine(tiny_dir / "model", tiny_tokenizer, max_model_len=2048)
+    engine.start()
+    vq = VqWorker(lambda: VisionTokenizer.from_pretrained(tiny_dir / "vq"))
+    vq.start(60)
+    yield GenerationRunner(engine, vq, tiny_tokenizer, image_area=128 * 128)
+    vq.stop()
+    engine.shutdown()
+
+
+def _collect(runner, gen, rid, preview=None, stop_after=None):
+    from service.streaming import Finished
+
+    async def go():
+        prepared = await runner.prepare(gen, rid)
+        events = []
+        stream = runner.run(prepared, preview)
+        async for ev in stream:
+            events.append(ev)
+            if stop_after is not None and stop_after(ev):
+                await stream.aclose()
+                break
+        return prepared, events
+
+    prepared, events = asyncio.run(go())
+    finished = [e for e in events if isinstance(e, Finished)]
+    return prepared, events, (finished[0].outcome if finished else None)
+
+
+def test_runner_streams_a_t2i_image_and_builds_its_record(runner):
+    from service.engine.request import SamplingSettings
+    from service.generation import GenerationOptions
+    from service.prompts import Task
+    from service.record import story_pb2
+    from service.streaming import GenerationInput, ImageBegin, ImageOut, ImageProgress
+
+    greedy = SamplingSettings(1, 1.0, 1.0)
+    gen = GenerationInput(Task.T2I, "a cat", (), GenerationOptions(size="128x128", text=greedy, image=greedy))
+    prepared, events, out = _collect(runner, gen, "unit-t2i", preview=4)
+    assert prepared.request.target_grid == (8, 8)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "ImageBegin" and kinds[-2:] == ["ImageOut", "Finished"]
+    begin = events[0]
+    assert isinstance(begin, ImageBegin) and (begin.width, begin.height) == (128, 128)
+    progress = [e for e in events if isinstance(e, ImageProgress)]
+    assert [p.rows for p in progress] == list(range(1, 9))
+    assert [p.preview.size for p in progress if p.preview is not None] == [(128, 64)]  # at row 4 (not at 8: done)
+    (image,) = [e.image for e in events if isinstance(e, ImageOut)]
+    assert image.size == (128, 128) and out.images == [image]
+    assert out.finish_reason == "stop" and out.usage.visual_tokens == 64 and out.usage.completion_tokens == 77
+    story = story_pb2.Story()
+    story.ParseFromString(out.record)
+    assert story.question == "a cat" and story.story_id == "unit-t2i"
+
+
+def test_runner_interleaved_text_comes_before_the_image(runner):
+    from service.generation import GenerationOptions
+    from service.prompts import Task
+    from service.streaming import GenerationInput, ImageBegin, TextOut
+
+    gen = GenerationInput(Task.STORY, "a robot in the city", (), GenerationOptions(seed=3))
+    _, events, out = _collect(runner, gen, "unit-story")
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, TextOut))
+    first_image = next(i for i, e in enumerate(events) if isinstance(e, ImageBegin))
+    assert first_text < first_image
+    assert {s.type for s in out.segments} >= {"global_cot", "text", "image"}
+    streamed = "".join(e.delta for e in events if isinstance(e, TextOut) and e.channel == "text")
+    assert out.text.strip() and out.text.strip() in streamed
+
+
+def test_runner_refuses_what_cannot_run(runner):
+    from service.generation import GenerationOptions
+    from service.prompts import Task
+    from service.streaming import GenerationInput, GenerationInputError
+
+    async def prep(gen):
+        return await runner.prepare(gen, "bad")
+
+    for gen, match in [
+        (GenerationInput(Task.T2I, "x", (), GenerationOptions(size="128x128", max_new_tokens=20)), "cannot hold"),
+        (GenerationInput(Task.STORY, "x", (), GenerationOptions(max_new_tokens=5000)), "context"),
+        (GenerationInput(Task.STORY, "x " * 3000, (), GenerationOptions()), "context"),
+        (GenerationInput(Task.HOWTO, "x", (), GenerationOptions(size="match_reference")), "reference image"),
+    ]:
+        with pytest.raises(GenerationInputError, match=match):
+            asyncio.run(prep(gen))
+
+
+def test_closing_the_stream_aborts_the_reference_engine(runner):
+    from service.generation import GenerationOptions
+    from service.prompts import Task
+    from service.streaming import GenerationInput, ImageProgress
+
+    gen = GenerationInput(Task.T2I, "x", (), GenerationOptions(size="256x256"))
+    _, events, out = _collect(runner, gen, "unit-abort", stop_after=lambda e: isinstance(e, ImageProgress))
+    assert out is None
+    for _ in range(100):
+        if runner.engine.stats().unfinished_sequences == 0:
+            break
+        import time
+
+        time.sleep(0.02)
+    assert runner.engine.stats().unfinished_sequences == 0
