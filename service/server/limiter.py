@@ -10,6 +10,7 @@ import asyncio
 import collections
 import math
 import time
+from typing import Callable
 
 
 class Overloaded(Exception):
@@ -33,9 +34,10 @@ class Slot:
 
 
 class AdmissionLimiter:
-    def __init__(self, slots: int, queue: int) -> None:
+    def __init__(self, slots: int, queue: int, on_change: Callable[[int, int], None] | None = None) -> None:
         self.slots = slots
         self.queue = queue
+        self._on_change = on_change  # (active, waiting) after every change: keeps gauges exact
         self.active = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._mean_hold = 5.0  # seconds; an exponential moving average of slot hold times
@@ -56,11 +58,13 @@ class AdmissionLimiter:
         """A slot now, or after waiting in the queue; :class:`Overloaded` when the queue is full."""
         if self.active < self.slots and not self._waiters:
             self.active += 1
+            self._changed()
             return Slot(self)
         if len(self._waiters) >= self.queue:
             raise Overloaded(self.retry_after())
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        self._changed()
         try:
             await fut  # resolved by _release, which hands its slot over (active unchanged)
         except asyncio.CancelledError:
@@ -68,8 +72,13 @@ class AdmissionLimiter:
                 self._release(None)  # we were handed a slot but will not use it
             else:
                 self._waiters.remove(fut)
+                self._changed()
             raise
         return Slot(self)
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.active, len(self._waiters))
 
     def _release(self, held: float | None) -> None:
         if held is not None:
@@ -78,5 +87,7 @@ class AdmissionLimiter:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
+                self._changed()
                 return
         self.active -= 1
+        self._changed()

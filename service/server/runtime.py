@@ -67,12 +67,16 @@ class Runtime:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.limiter = AdmissionLimiter(s.max_concurrent, s.max_queue)
+        self.limiter = AdmissionLimiter(s.max_concurrent, s.max_queue, on_change=self._admission_changed)
         self.metrics.queue_capacity.set(self.limiter.capacity)
         self.metrics.attach_live(self._stats, lambda: self.state == "ready",
                                  lambda: self.vq.queue_depth if self.vq else 0)
         if s.output_dir is not None:
             self.records = RecordStore(s.output_dir)
+
+    def _admission_changed(self, active: int, waiting: int) -> None:
+        self.metrics.in_flight.set(active)
+        self.metrics.queue_depth.set(waiting)
 
     def _stats(self):
         return self.engine.stats() if self.engine is not None and self.state in ("ready", "draining") else None

@@ -95,22 +95,13 @@ class ServingBase:
     async def admit(self) -> Slot:
         self.ensure_accepting()
         try:
-            slot = await self.rt.limiter.acquire()
+            return await self.rt.limiter.acquire()
         except Overloaded as exc:
             raise APIError(429, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)}) from None
-        finally:
-            self._update_queue_metrics()
-        self._update_queue_metrics()
-        return slot
 
-    def _update_queue_metrics(self) -> None:
-        lim = self.rt.limiter
-        self.rt.metrics.queue_depth.set(lim.waiting)
-        self.rt.metrics.in_flight.set(lim.active)
-
-    def release(self, slot: Slot) -> None:
+    @staticmethod
+    def release(slot: Slot) -> None:
         slot.release()
-        self._update_queue_metrics()
 
     # ---- inputs -----------------------------------------------------------------------------------
     def options(self, task: Task, *, size: str | None, guidance_scale: float | None, seed: int | None,
