@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import contextlib
+from typing import Iterator
+
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,3 +73,50 @@ class ServerProcess:
             except ProcessLookupError:
                 pass
             self._log.close()
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], log_path: Path, ready_timeout: float = 300) -> Iterator[ServerProcess]:
+    """A started, ready server for the ``with`` block; stopped (and its process group killed) after."""
+    proc = ServerProcess(args, log_path)
+    try:
+        proc.wait_ready(ready_timeout)
+        yield proc
+    finally:
+        proc.stop()
+
+
+# ---- reading /metrics ------------------------------------------------------------------------------
+
+#: What "nothing running in the engine" means: our pairs and vLLM's own live count of sequences.
+IDLE_METRICS = ("emu35_running_pairs", "emu35_waiting_pairs", "emu35_engine_unfinished_sequences")
+
+
+def scrape(http: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed with prometheus-client's parser: (sample name, sorted labels) → value."""
+    out = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(m: dict, name: str, **labels) -> float:
+    """One sample of a scrape; 0 when the series does not exist yet (counters start at first use)."""
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_engine_idle(http: httpx.Client, within: float) -> float:
+    """Seconds until the engine reports nothing running or waiting (every :data:`IDLE_METRICS` present
+    and 0); fails after ``within`` seconds."""
+    started = time.monotonic()
+    while True:
+        m = scrape(http)
+        missing = [name for name in IDLE_METRICS if (name, ()) not in m]
+        assert not missing, f"metrics missing: {missing}"
+        elapsed = time.monotonic() - started
+        if not any(m[(name, ())] for name in IDLE_METRICS):
+            return elapsed
+        if elapsed > within:
+            raise AssertionError(f"engine still busy after {within} s: { {n: m[(n, ())] for n in IDLE_METRICS} }")
+        time.sleep(0.05)

@@ -12,15 +12,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.record import story_pb2
-from tests.serverproc import ServerProcess
+from tests.serverproc import metric, running_server, scrape, wait_engine_idle
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -47,12 +45,8 @@ def chromium_path() -> str | None:
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    proc = ServerProcess(["--demo", "--api-key", KEY], tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        proc.wait_ready()
+    with running_server(["--demo", "--api-key", KEY], tmp_path_factory.mktemp("log") / "server.log") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -91,30 +85,6 @@ def page(browser, server):
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-
-def engine_load(http) -> dict[str, float]:
-    """Running pairs and vLLM's unfinished sequences, from /metrics."""
-    wanted = {"emu35_running_pairs", "emu35_engine_unfinished_sequences"}
-    found = {}
-    for family in text_string_to_metric_families(http.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name in wanted:
-                found[sample.name] = sample.value
-    assert set(found) == wanted, f"metrics missing: {wanted - set(found)}"
-    return found
-
-
-def seconds_until_idle(http, within: float) -> float:
-    started = time.monotonic()
-    while True:
-        load = engine_load(http)
-        elapsed = time.monotonic() - started
-        if not any(load.values()):
-            return elapsed
-        if elapsed > within:
-            raise AssertionError(f"engine still busy after {within} s: {load}")
-        time.sleep(0.05)
 
 
 def shot(page, path: Path) -> Path:
@@ -282,7 +252,7 @@ def test_narrative_streams_text_before_the_image_completes(page, tmp_path):
 
 
 def test_stop_mid_image_aborts_the_generation_on_the_server(page, http, tmp_path):
-    seconds_until_idle(http, 60)
+    wait_engine_idle(http, 60)
     panel = page.locator("#panel-image")
     panel.get_by_label("Prompt").fill("a long one")
     panel.get_by_label("Size").fill("512x512")  # 32 rows: many seconds on the tiny model
@@ -290,11 +260,11 @@ def test_stop_mid_image_aborts_the_generation_on_the_server(page, http, tmp_path
     generate(panel)
     page.wait_for_function("() => document.querySelector('#panel-image figure progress')?.value >= 2",
                            timeout=GENERATION_TIMEOUT_MS)
-    assert engine_load(http)["emu35_running_pairs"] == 1
+    assert metric(scrape(http), "emu35_running_pairs") == 1
     before = shot(page, tmp_path / "stop-drawing.png")
 
     panel.get_by_role("button", name="Stop").click()
-    assert seconds_until_idle(http, 2.0) <= 2.0
+    assert wait_engine_idle(http, 2.0) <= 2.0
     wait_state(panel, "stopped")
     expect(panel.locator(".output .status")).to_have_text("Stopped.")
     expect(panel.locator('.output figure[data-state="stopped"]')).to_have_count(1)

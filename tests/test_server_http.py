@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from httpx_sse import connect_sse
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.record import story_pb2
 from service.vq.resize import reference_image_size
-from tests.serverproc import ServerProcess
+from tests.serverproc import metric, running_server, wait_engine_idle
+from tests.serverproc import scrape as metrics
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +36,10 @@ SMALL = "128x128"  # an 8×8-token image: 77 tokens, about a second on the tiny 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("records")
-    proc = ServerProcess(["--demo", "--api-key", KEY, "--output-dir", str(out), "--max-concurrent", "4",
-                          "--max-queue", "2", "--max-image-bytes", "300000"],
-                         tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        proc.wait_ready()
+    args = ["--demo", "--api-key", KEY, "--output-dir", str(out), "--max-concurrent", "4", "--max-queue", "2",
+            "--max-image-bytes", "300000"]
+    with running_server(args, tmp_path_factory.mktemp("log") / "server.log") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -73,35 +69,6 @@ def decode_png(b64: str) -> Image.Image:
     im = Image.open(io.BytesIO(base64.b64decode(b64)))
     assert im.format == "PNG"
     return im
-
-
-def metrics(http) -> dict[tuple[str, tuple], float]:
-    text = http.get("/metrics").text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def metric(m, name: str, **labels) -> float:
-    return m.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait_engine_idle(http, within: float) -> float:
-    """Seconds until the engine reports nothing running (our pairs and vLLM's own live count)."""
-    started = time.monotonic()
-    while True:
-        m = metrics(http)
-        idle = (metric(m, "emu35_running_pairs") == 0 and metric(m, "emu35_waiting_pairs") == 0
-                and metric(m, "emu35_engine_unfinished_sequences") == 0)
-        elapsed = time.monotonic() - started
-        if idle:
-            return elapsed
-        if elapsed > within:
-            raise AssertionError(f"engine still busy after {within} s: "
-                                 f"{ {k[0]: v for k, v in m.items() if k[0].startswith('emu35_engine') or 'pairs' in k[0]} }")
-        time.sleep(0.05)
 
 
 # ---- OpenAI client ----------------------------------------------------------------------------------
@@ -260,10 +227,6 @@ def _bomb() -> str:
     buf = io.BytesIO()
     Image.new("1", (20_000, 20_000)).save(buf, format="PNG")  # 400 M pixels in ~50 kB
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def _gif_text() -> str:
-    return base64.b64encode(b"GIF89a not really").decode()
 
 
 BAD_REQUESTS = [

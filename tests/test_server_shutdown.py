@@ -6,73 +6,66 @@ The reference engine keeps these servers quick to start; the drain logic does no
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
+from typing import Iterator
 
 import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, running_server
 
 pytestmark = pytest.mark.slow
 
 
-def _start(tmp_path, grace: float) -> ServerProcess:
-    proc = ServerProcess(["--demo", "--engine", "reference", "--shutdown-grace-seconds", str(grace)],
-                         tmp_path / "server.log")
-    proc.wait_ready(180)
-    return proc
+def _server(tmp_path, grace: float):
+    return running_server(["--demo", "--engine", "reference", "--shutdown-grace-seconds", str(grace)],
+                          tmp_path / "server.log", ready_timeout=180)
+
+
+@contextlib.contextmanager
+def _streaming_mid_image(server: ServerProcess, size: str, kinds: list[str]) -> Iterator:
+    """A T2I stream read up to its first ``image_progress`` event; yields the rest of its events.
+    Every event seen is appended to ``kinds``."""
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        with connect_sse(client, "POST", "/v1/t2i", json={"prompt": "a cat", "size": size, "stream": True}) as src:
+            events = src.iter_sse()  # keep a reference: a collected iterator closes the response
+            for sse in events:
+                kinds.append(sse.event)
+                if sse.event == "image_progress":
+                    break
+            yield events
 
 
 def test_sigterm_drains_in_flight_streams_then_exits_cleanly(tiny_dir, tmp_path):
-    server = _start(tmp_path, grace=60)
-    try:
-        kinds = []
-        with httpx.Client(base_url=server.url, timeout=120) as client:
-            with connect_sse(client, "POST", "/v1/t2i", json={"prompt": "a cat", "size": "256x256",
-                                                              "stream": True}) as src:
-                events = src.iter_sse()
-                for sse in events:
-                    kinds.append(sse.event)
-                    if sse.event == "image_progress":
-                        break
-                server.terminate()
-                deadline = time.monotonic() + 10
-                while httpx.get(server.url + "/ready").status_code != 503:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-                assert httpx.get(server.url + "/ready").json()["status"] == "draining"
-                refused = httpx.post(server.url + "/v1/t2i", json={"prompt": "late", "size": "128x128"})
-                assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-                for sse in events:
-                    kinds.append(sse.event)
+    with _server(tmp_path, grace=60) as server:
+        kinds: list[str] = []
+        with _streaming_mid_image(server, "256x256", kinds) as events:
+            server.terminate()
+            deadline = time.monotonic() + 10
+            while httpx.get(server.url + "/ready").status_code != 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert httpx.get(server.url + "/ready").json()["status"] == "draining"
+            refused = httpx.post(server.url + "/v1/t2i", json={"prompt": "late", "size": "128x128"})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            for sse in events:
+                kinds.append(sse.event)
         assert kinds[-1] == "done" and "image" in kinds
         assert server.proc.wait(60) == 0
-    finally:
-        server.stop()
 
 
 def test_work_still_running_after_the_grace_period_is_aborted(tiny_dir, tmp_path):
-    server = _start(tmp_path, grace=1)
-    try:
-        kinds = []
-        with httpx.Client(base_url=server.url, timeout=120) as client:
-            with connect_sse(client, "POST", "/v1/t2i", json={"prompt": "a long one", "size": "768x768",
-                                                              "stream": True}) as src:
-                events = src.iter_sse()
+    with _server(tmp_path, grace=1) as server:
+        kinds: list[str] = []
+        with _streaming_mid_image(server, "768x768", kinds) as events:
+            started = time.monotonic()
+            server.terminate()
+            with pytest.raises(httpx.TransportError):  # the stream is cut, not completed
                 for sse in events:
                     kinds.append(sse.event)
-                    if sse.event == "image_progress":
-                        break
-                started = time.monotonic()
-                server.terminate()
-                with pytest.raises(httpx.TransportError):  # the stream is cut, not completed
-                    for sse in events:
-                        kinds.append(sse.event)
-                        assert sse.event != "done"
+                    assert sse.event != "done"
         assert server.proc.wait(60) == 0
         assert time.monotonic() - started < 30
         assert "done" not in kinds
-    finally:
-        server.stop()

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator
 
-from service.engine.protocol import EngineError, EngineRequestError, EngineStats
+from service.engine.protocol import EngineError, EngineRequestError, EngineStats, check_fits
 from service.engine.request import GenerationRequest, TokenDelta
 from service.tokenizer import Emu35Tokenizer
 
@@ -78,16 +78,7 @@ class AsyncReferenceEngine:
             raise EngineError("engine is not started")
         if req.request_id in self._waiting or req.request_id == self._running:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
-        if req.max_new_tokens < 1:
-            raise EngineRequestError("max_new_tokens must be >= 1")
-        prompts = [req.cond_prompt] + ([req.uncond_prompt] if req.guided and req.uncond_prompt else [])
-        if any(not p for p in prompts):
-            raise EngineRequestError("empty prompt")
-        longest = max(len(p) for p in prompts)
-        if longest + req.max_new_tokens > self._max_model_len:
-            raise EngineRequestError(
-                f"prompt ({longest} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
-                f"context of {self._max_model_len} tokens")
+        check_fits(req, self._max_model_len)
 
     def _run(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """Worker thread: decode step by step, hand each delta to the loop, stop early on abort."""

@@ -39,6 +39,22 @@ class EngineStats:
     unfinished_sequences: int = 0  # sequences the engine still tracks now (live, not from the last step)
 
 
+def check_fits(req: GenerationRequest, max_model_len: int) -> list[list[int]]:
+    """The checks every engine makes of a request before running it; returns the prompts it will run
+    (cond, and uncond when guided). Raises :class:`EngineRequestError`."""
+    if req.max_new_tokens < 1:
+        raise EngineRequestError("max_new_tokens must be >= 1")
+    prompts = [req.cond_prompt] + ([req.uncond_prompt] if req.guided and req.uncond_prompt else [])
+    if any(not p for p in prompts):
+        raise EngineRequestError("empty prompt")
+    longest = max(len(p) for p in prompts)
+    if longest + req.max_new_tokens > max_model_len:
+        raise EngineRequestError(
+            f"prompt ({longest} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
+            f"context of {max_model_len} tokens")
+    return prompts
+
+
 class AsyncEngine(Protocol):
     """The engine API the service holds for its whole life."""
 

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 from service.engine.admission import blocks_for
 from service.engine.config import VllmEngineConfig
 from service.engine.pairing import UNCOND_SUFFIX, row_specs
-from service.engine.protocol import EngineError, EngineRequestError, EngineStats, PairBrokenError
+from service.engine.protocol import EngineError, EngineRequestError, EngineStats, check_fits, PairBrokenError
 from service.engine.request import GenerationRequest, TokenDelta
 from service.tokenizer import Emu35Tokenizer
 
@@ -137,16 +137,7 @@ class VllmEngine:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
         if UNCOND_SUFFIX in req.request_id:
             raise EngineRequestError(f"request id must not contain {UNCOND_SUFFIX!r}")
-        if req.max_new_tokens < 1:
-            raise EngineRequestError("max_new_tokens must be >= 1")
-        prompts = [req.cond_prompt] + ([req.uncond_prompt] if req.guided and req.uncond_prompt else [])
-        if any(not p for p in prompts):
-            raise EngineRequestError("empty prompt")
-        longest = max(len(p) for p in prompts)
-        if longest + req.max_new_tokens > self._max_model_len:
-            raise EngineRequestError(
-                f"prompt ({longest} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
-                f"context of {self._max_model_len} tokens")
+        prompts = check_fits(req, self._max_model_len)
         if self.kv_blocks and self.block_size:
             need = sum(blocks_for(len(p) + req.max_new_tokens, self.block_size) for p in prompts)
             if need > self.kv_blocks - 1:

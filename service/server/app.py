@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -16,7 +17,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.server.errors import APIError, error_body
+from service.server.errors import APIError, install_handlers
 from service.server.playground import router as playground
 from service.server.routes import api, system
 from service.server.runtime import Runtime
@@ -98,8 +99,6 @@ class BodyLimitMiddleware:
 
 
 async def _send_error(send: Send, exc: APIError) -> None:
-    import json
-
     body = json.dumps(exc.body()).encode()
     await send({"type": "http.response.start", "status": exc.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -140,8 +139,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.serving_generation = ServingGeneration(runtime)
     app.state.serving_openai = ServingOpenAIImages(runtime)
-    from service.server.errors import install_handlers
-
     install_handlers(app)
     app.include_router(system)
     app.include_router(api)
@@ -160,4 +157,4 @@ def describe(settings: Settings) -> dict[str, Any]:
     return data
 
 
-__all__ = ["create_app", "endpoint_label", "error_body", "describe"]
+__all__ = ["create_app", "endpoint_label", "describe"]

@@ -6,14 +6,24 @@ silently ignored setting. Defaults are the task's (DESIGN §4) unless a field is
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.prompts import ASPECT_RATIOS, Task
 
 MAX_PROMPT_CHARS = 100_000
 MAX_SEED = 2**63 - 1
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("prompt must not be empty")
+    return v
+
+
+#: A user prompt: non-blank text of bounded length.
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
 
 
 class _Strict(BaseModel):
@@ -31,7 +41,7 @@ class SamplingOverrides(_Strict):
 class GenerationParams(_Strict):
     """Fields every Emu3.5 generation endpoint takes."""
 
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="the user's question / instruction")
+    prompt: Prompt = Field(..., description="the user's question / instruction")
     size: str | None = Field(
         None, description="'WIDTHxHEIGHT' in pixels (multiples of 16), 'auto' (the model chooses), "
                           "'match_reference' (the last reference image's grid) or an aspect ratio")
@@ -47,13 +57,6 @@ class GenerationParams(_Strict):
     stream: bool = Field(False, description="answer as server-sent events")
     preview_every_rows: int | None = Field(
         None, ge=1, description="when streaming, attach a decoded preview every N rows of an image")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must not be empty")
-        return v
 
     @field_validator("aspect_ratio")
     @classmethod
@@ -160,7 +163,7 @@ class OpenAIImageParams(_Strict):
     """OpenAI's image request fields (those that mean nothing here are accepted and ignored) plus
     Emu3.5's own (``guidance_scale``, ``seed``, ``image_area``, sampling) as extensions."""
 
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt
     model: str | None = None
     n: int = Field(1, ge=1, le=4)
     size: str | None = Field(None, description="'auto' or WIDTHxHEIGHT (multiples of 16)")
@@ -180,13 +183,6 @@ class OpenAIImageParams(_Strict):
     max_new_tokens: int | None = Field(None, ge=1)
     text_sampling: SamplingOverrides | None = None
     image_sampling: SamplingOverrides | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must not be empty")
-        return v
 
 
 class OpenAIImageEditParams(OpenAIImageParams):
