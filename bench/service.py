@@ -53,6 +53,8 @@ class ReplayEngine:
 
     def shutdown(self) -> None: ...
 
+    async def self_check(self) -> None: ...
+
     async def health(self) -> bool:
         return True
 

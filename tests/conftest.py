@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,20 @@ from service.tokenizer import Emu35Tokenizer
 REAL_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "emu35-tokenizer"
 HAVE_REAL_TOKENIZER = (REAL_TOKENIZER_DIR / "emu3.tiktoken").is_file()
 NO_REAL_TOKENIZER = f"real Emu3.5 tokenizer files not found at {REAL_TOKENIZER_DIR} (test data beside the repository)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On a test lane (``EMU35_REQUIRE_VLLM=<version>``, set by the Makefile), a missing or wrong vLLM
+    is an error, not a reason to skip: the vLLM tests would otherwise pass by not running."""
+    wanted = os.environ.get("EMU35_REQUIRE_VLLM")
+    if not wanted:
+        return
+    try:
+        import vllm
+    except Exception as exc:  # noqa: BLE001 - any import failure means the lane is broken
+        raise pytest.UsageError(f"this lane needs vLLM {wanted}, but `import vllm` failed: {exc!r}") from exc
+    if not vllm.__version__.startswith(wanted):
+        raise pytest.UsageError(f"this lane needs vLLM {wanted}, but vLLM {vllm.__version__} is installed")
 
 
 @pytest.fixture(scope="session")

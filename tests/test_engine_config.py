@@ -6,6 +6,8 @@ import pytest
 
 from service.engine.config import PROCESSOR_REF, SCHEDULER_REF, VllmEngineConfig
 
+pytestmark = pytest.mark.vllm
+
 
 def cfg(**kw) -> VllmEngineConfig:
     return VllmEngineConfig(model="/m", tokenizer="/t", **kw)
@@ -42,3 +44,21 @@ def test_passthroughs():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         cfg(**bad)
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"additional_config": {"ascend_scheduler_config": {"enabled": True}}}, "ascend_scheduler_config"),
+    ({"additional_config": {"recompute_scheduler_enable": True}}, "recompute_scheduler_enable"),
+    ({"additional_config": {"SLO_limits_for_dynamic_batch": 200}}, "SLO_limits_for_dynamic_batch"),
+    ({"async_scheduling": True}, "async_scheduling"),
+    ({"scheduler_cls": "vllm.v1.core.sched.scheduler.Scheduler"}, "scheduler_cls"),
+])
+def test_settings_that_replace_the_pair_scheduler_are_refused_by_name(extra, named):
+    with pytest.raises(ValueError, match=named):
+        cfg(extra_engine_args=extra)
+
+
+def test_harmless_additional_config_is_passed_through():
+    extra = {"additional_config": {"ascend_scheduler_config": {"enabled": False}, "recompute_scheduler_enable": False,
+                                   "SLO_limits_for_dynamic_batch": -1, "enable_cpu_binding": True}}
+    assert cfg(extra_engine_args=extra).engine_args(on_cpu=False)["additional_config"] == extra["additional_config"]

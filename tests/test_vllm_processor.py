@@ -16,10 +16,12 @@ pytest.importorskip("vllm", reason="vLLM is not installed (the test command inst
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
-from service.engine.pairing import COND, SOLO, UNCOND, RowSpec  # noqa: E402
+from service.engine.pairing import ADMITTED_BY, ADMITTED_KEY, COND, SOLO, UNCOND, RowSpec, probe_extra  # noqa: E402
 from service.engine.request import SamplingSettings  # noqa: E402
 from service.engine.rules import VocabTables  # noqa: E402
 from service.engine.vllm_processor import Emu35LogitsProcessor  # noqa: E402
+
+pytestmark = pytest.mark.vllm
 
 STAR, BOI, IMG, EOI, EOL, PAD = 10, 11, 12, 13, 14, 15
 V, FIRST_VISUAL = 30, 20
@@ -175,3 +177,35 @@ def test_malformed_specs_are_rejected_on_arrival():
         "p", COND, 2.0, GREEDY, GREEDY, None, None).to_extra()["emu35"]}))
     with pytest.raises(ValueError, match="emu35"):
         Emu35LogitsProcessor.validate_params(SamplingParams(extra_args={"emu35": {"pair": "p"}}))
+
+
+# ---- the start-up probe (vllm_self_check) -----------------------------------------------------------
+def probe_params(stamped: bool) -> SamplingParams:
+    extra = probe_extra(BOI, EOI)
+    if stamped:
+        extra[ADMITTED_KEY] = ADMITTED_BY
+    return SamplingParams(temperature=0.0, max_tokens=1, extra_args=extra)
+
+
+@pytest.mark.parametrize("stamped, answer", [(True, BOI), (False, EOI)])
+def test_probe_row_answers_whether_the_pair_scheduler_admitted_it(stamped, answer):
+    proc, _ = processor_with((probe_params(stamped), []), (None, []))
+    logits = torch.randn(2, V)
+    plain = logits[1].clone()
+    out = proc.apply(logits)
+    assert chosen(out[0]) == answer
+    assert torch.equal(out[1], plain)  # a row that is neither a probe nor Emu3.5 passes untouched
+
+
+def test_probe_answer_follows_its_row_through_moves_and_ends_with_removal():
+    proc, _ = processor_with((None, []), (probe_params(True), []), (params(COND), []), (params(UNCOND), []))
+    proc.update_state(BatchUpdate(batch_size=4, removed=[], added=[],
+                                  moved=[(1, 0, MoveDirectionality.SWAP)]))
+    out = proc.apply(torch.zeros(4, V))
+    assert chosen(out[0]) == BOI
+    assert chosen(out[2]) == chosen(out[3])  # the pair beside it is still served
+    proc.update_state(BatchUpdate(batch_size=3, removed=[0], added=[], moved=[]))
+    assert proc.probes == {}
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=[(0, probe_params(False), [1], [])],
+                                  moved=[(0, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert proc.probes == {1: EOI}

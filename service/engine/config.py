@@ -18,6 +18,27 @@ SCHEDULER_REF = "service.engine.vllm_scheduler.Emu35Scheduler"
 GraphMode = Literal["auto", "eager", "full_decode_only"]
 
 
+def scheduler_swaps(engine_args: dict[str, Any]) -> list[str]:
+    """Engine arguments that would make vLLM (or vllm-ascend) run another scheduler than the pair
+    scheduler. vllm-ascend 0.11 replaces the whole scheduler config when ``additional_config`` enables
+    ``ascend_scheduler_config`` or ``recompute_scheduler_enable``; later releases do the same for
+    ``SLO_limits_for_dynamic_batch``; vLLM 0.11's ``async_scheduling`` swaps in ``AsyncScheduler``."""
+    found = []
+    extra = engine_args.get("additional_config") or {}
+    ascend_sched = extra.get("ascend_scheduler_config") or {}
+    if isinstance(ascend_sched, dict) and ascend_sched.get("enabled"):
+        found.append("additional_config.ascend_scheduler_config.enabled")
+    if extra.get("recompute_scheduler_enable"):
+        found.append("additional_config.recompute_scheduler_enable")
+    if extra.get("SLO_limits_for_dynamic_batch", -1) not in (-1, None):
+        found.append("additional_config.SLO_limits_for_dynamic_batch")
+    if engine_args.get("async_scheduling"):
+        found.append("async_scheduling")
+    if engine_args.get("scheduler_cls") not in (None, SCHEDULER_REF):
+        found.append("scheduler_cls")
+    return found
+
+
 @dataclass(frozen=True)
 class VllmEngineConfig:
     """Settings of the persistent vLLM engine.
@@ -52,6 +73,10 @@ class VllmEngineConfig:
             raise ValueError("tensor_parallel_size must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must lie in (0, 1]")
+        swaps = scheduler_swaps(self.extra_engine_args)
+        if swaps:
+            raise ValueError(f"{', '.join(swaps)}: these replace the Emu3.5 pair scheduler, which keeps the "
+                             "cond/uncond halves of a generation in lockstep; leave them unset")
 
     @property
     def max_num_seqs(self) -> int:

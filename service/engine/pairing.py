@@ -16,6 +16,32 @@ from service.engine.request import GenerationRequest, SamplingSettings
 EXTRA_KEY = "emu35"
 UNCOND_SUFFIX = "#uncond"
 COND, UNCOND, SOLO = "cond", "uncond", "solo"
+#: Written into ``extra_args`` by the pair scheduler on every Emu3.5 request it admits, so the workers
+#: can tell which scheduler admitted a row (the start-up self-check reads it back).
+ADMITTED_KEY = "emu35_admitted_by"
+ADMITTED_BY = "Emu35Scheduler"
+#: A start-up probe: ``extra_args[PROBE_KEY] = [answer_if_admitted_by_the_pair_scheduler, answer_otherwise]``.
+#: The logits processor forces one of the two tokens, so one generated token proves that both the
+#: processor (in every worker) and the scheduler (in the engine core) are the ones vLLM really runs.
+PROBE_KEY = "emu35_probe"
+
+
+def probe_extra(admitted_answer: int, other_answer: int) -> dict[str, Any]:
+    """``extra_args`` of a self-check probe request."""
+    return {PROBE_KEY: [int(admitted_answer), int(other_answer)]}
+
+
+def probe_answer(extra: Mapping[str, Any] | None) -> int | None:
+    """The token a probe row must produce, or None when the row is not a probe."""
+    if not extra or PROBE_KEY not in extra:
+        return None
+    admitted, other = (int(t) for t in extra[PROBE_KEY])
+    return admitted if extra.get(ADMITTED_KEY) == ADMITTED_BY else other
+
+
+def is_emu35_request(extra: Mapping[str, Any] | None) -> bool:
+    """True for the rows the pair scheduler admits and stamps: generations and probes."""
+    return bool(extra) and (EXTRA_KEY in extra or PROBE_KEY in extra)  # type: ignore[operator]
 
 
 @dataclass(frozen=True)

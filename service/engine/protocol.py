@@ -66,6 +66,10 @@ class AsyncEngine(Protocol):
 
     def shutdown(self) -> None: ...
 
+    async def self_check(self) -> None:
+        """Prove, on the serving loop after :meth:`start`, that the engine applies the Emu3.5 rules;
+        raise :class:`EngineError` when it would not (the service then refuses to become ready)."""
+
     async def health(self) -> bool: ...
 
     def stats(self) -> EngineStats: ...

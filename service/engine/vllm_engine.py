@@ -30,6 +30,38 @@ __all__ = ["VllmEngine", "EngineError", "EngineRequestError", "EngineStats", "Pa
 logger = logging.getLogger(__name__)
 
 
+def build_engine_args(config: VllmEngineConfig, *, on_cpu: bool | None = None) -> Any:
+    """vLLM's ``AsyncEngineArgs`` for ``config``: the one path the engine and the tests build them by.
+
+    vLLM turns the ``compilation_config`` dict into its ``CompilationConfig`` here, so a graph mode it
+    lacks fails now, not on an accelerator. vLLM 0.11 silently drops compilation keys it does not know
+    (0.32 refuses them), so they are checked here against this vLLM's fields. ``on_cpu`` defaults to
+    the platform vLLM detected."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = bool(current_platform.is_cpu())
+    kwargs = config.engine_args(on_cpu=on_cpu)
+    _check_compilation_keys(kwargs.get("compilation_config"))
+    return AsyncEngineArgs(**kwargs)
+
+
+def _check_compilation_keys(compilation: Any) -> None:
+    if not isinstance(compilation, dict):
+        return
+    import dataclasses
+
+    import vllm
+    from vllm.config import CompilationConfig
+
+    unknown = sorted(set(compilation) - {f.name for f in dataclasses.fields(CompilationConfig)})
+    if unknown:
+        raise ValueError(f"compilation_config keys {unknown} are not settings of vLLM {vllm.__version__}'s "
+                         "CompilationConfig")
+
+
 class _StatsSink:
     """Latest vLLM scheduler statistics, filled by a stat logger vLLM calls after each step."""
 
@@ -83,21 +115,31 @@ class VllmEngine:
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Build the engine (loads the model, sizes the KV cache, starts vLLM's processes)."""
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from service.engine.vllm_plugin import register
 
         register()  # this process too (the entry point covers vLLM's own processes)
-        args = AsyncEngineArgs(**self.config.engine_args(on_cpu=current_platform.is_cpu()))
+        args = build_engine_args(self.config)
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.logger_factory()])
         vcfg = self._llm.vllm_config
+        # read back from the final config: platforms (vllm-ascend) may change the block size
         self._max_model_len = int(vcfg.model_config.max_model_len)
         self.kv_blocks = int(vcfg.cache_config.num_gpu_blocks or 0)
         self.block_size = int(vcfg.cache_config.block_size)
         logger.info("emu35 engine ready: max_model_len=%d kv_blocks=%d block_size=%d max_pairs=%d",
                     self._max_model_len, self.kv_blocks, self.block_size, self.config.max_pairs)
+
+    async def self_check(self) -> None:
+        """Refuse to serve unless vLLM really runs the pair scheduler and the logits processor
+        (``vllm_self_check``); run on the serving loop, where vLLM's output handler will live."""
+        from service.engine.vllm_self_check import run_self_check
+
+        if self._llm is None:
+            raise EngineError("engine is not started")
+        ids = self.tokenizer.ids
+        await run_self_check(self._llm, admitted=ids.boi, other=ids.eoi, prompt=[ids.bos])
+        logger.info("emu35 engine self-check passed: pair scheduler and logits processor are active")
 
     def shutdown(self) -> None:
         if self._llm is not None:

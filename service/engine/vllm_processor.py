@@ -13,7 +13,9 @@ tokens (one was preempted, or one prefill finished a step later), is failed: bot
 write PAD, which the engine passes as a stop token and reports as an error. Wrong tokens are never
 continued.
 
-Rows whose ``SamplingParams.extra_args`` carry no Emu3.5 spec pass through untouched.
+Rows whose ``SamplingParams.extra_args`` carry no Emu3.5 spec pass through untouched, except the
+engine's start-up probe (``pairing.PROBE_KEY``): its row is forced to the token that says whether the
+pair scheduler admitted it, which proves that this processor and that scheduler are really running.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from service.engine.pairing import COND, EXTRA_KEY, UNCOND, RowSpec
+from service.engine.pairing import COND, EXTRA_KEY, UNCOND, RowSpec, probe_answer
 from service.engine.rules import Guidance, RowState, SamplingColumns, VocabTables, advance, effective_top_k, next_tokens, sampling_columns
 from service.tokenizer import Emu35Tokenizer
 
@@ -66,6 +68,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
         self.max_rows = max_rows
         self.state = RowState.empty(self.max_rows, device)
         self.rows: list[_Row | None] = [None] * self.max_rows
+        self.probes: dict[int, int] = {}  # row index -> the token the start-up probe must produce
         self.batch_size = 0
         # identical on every tensor-parallel rank, so unseeded rows draw the same tokens everywhere
         self.fallback = torch.Generator(device).manual_seed(int(seed))
@@ -105,9 +108,15 @@ class Emu35LogitsProcessor(LogitsProcessor):
     def _apply_batch_update(self, bu: BatchUpdate) -> None:
         for index in bu.removed:
             self.rows[index] = None
+            self.probes.pop(index, None)
         for added in bu.added:
             index, params, out = added[0], added[1], added[-1]
-            spec = RowSpec.from_extra(getattr(params, "extra_args", None))
+            extra = getattr(params, "extra_args", None)
+            self.probes.pop(index, None)
+            answer = probe_answer(extra)
+            if answer is not None:
+                self.probes[index] = answer
+            spec = RowSpec.from_extra(extra)
             if spec is None:
                 self.rows[index] = None
                 continue
@@ -119,12 +128,18 @@ class Emu35LogitsProcessor(LogitsProcessor):
             h, w = spec.target_grid or (0, 0)
             self.state.reset_rows(index, h, w)
         for a, b, direction in bu.moved:
+            pa, pb = self.probes.pop(a, None), self.probes.pop(b, None)
             if direction == MoveDirectionality.SWAP:
                 self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
                 self.state.swap_rows(a, b)
+                pa, pb = pb, pa
             else:
                 self.rows[b], self.rows[a] = self.rows[a], None
                 self.state.copy_row(a, b)
+                pa, pb = None, pa
+            for index, answer in ((a, pa), (b, pb)):
+                if answer is not None:
+                    self.probes[index] = answer
         self.batch_size = bu.batch_size
         self._rebuild_maps()
 
@@ -214,8 +229,20 @@ class Emu35LogitsProcessor(LogitsProcessor):
 
     # ---- the step -------------------------------------------------------------------------------
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.any_managed:
-            return logits
+        if self.any_managed:
+            logits = self._apply_rules(logits)
+        if self.probes:
+            self._answer_probes(logits)
+        return logits
+
+    def _answer_probes(self, logits: torch.Tensor) -> None:
+        """Force each probe row to its answer (start-up only: a Python loop over a handful of rows)."""
+        for index, answer in self.probes.items():
+            if index < logits.shape[0]:
+                logits[index].fill_(float("-inf"))
+                logits[index, answer] = 0.0
+
+    def _apply_rules(self, logits: torch.Tensor) -> torch.Tensor:
         self._feed_new_tokens()  # the live lists are complete only now (async scheduling fills them late)
         rows = logits.shape[0]
         gens = [row.gen if row is not None and row.spec.role != UNCOND else None for row in self.rows[:rows]]

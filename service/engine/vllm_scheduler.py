@@ -23,13 +23,21 @@ from typing import Any
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from service.engine.admission import Budget, Candidate, blocks_for, decide
-from service.engine.pairing import SOLO, RowSpec
+from service.engine.pairing import ADMITTED_BY, ADMITTED_KEY, SOLO, RowSpec, is_emu35_request
 
 logger = logging.getLogger(__name__)
 
 def _spec(request: Any) -> RowSpec | None:
     params = getattr(request, "sampling_params", None)
     return RowSpec.from_extra(getattr(params, "extra_args", None)) if params is not None else None
+
+
+def _stamp(request: Any) -> None:
+    """Mark an Emu3.5 request as seen by this scheduler. The mark travels to the workers inside
+    ``SamplingParams.extra_args``, where the logits processor answers the start-up probe with it."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+    if is_emu35_request(extra):
+        extra[ADMITTED_KEY] = ADMITTED_BY
 
 
 def _max_total(request: Any) -> int:
@@ -64,6 +72,7 @@ class Emu35Scheduler(Scheduler):
             return []
         candidates = []
         for r in self.waiting:
+            _stamp(r)
             spec = _spec(r)
             if spec is None or spec.role == SOLO:
                 group, size = (spec.pair_id if spec else r.request_id), 1

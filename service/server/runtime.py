@@ -93,6 +93,7 @@ class Runtime:
             # vLLM's AsyncLLM starts its output handler lazily on the loop that first uses it, so it
             # can be built in a worker thread while this loop keeps answering /health.
             await asyncio.to_thread(self.engine.start)
+            await self.engine.self_check()
             self.runner = GenerationRunner(self.engine, self.vq, self.tokenizer, image_area=s.image_area)
             if self.state == "loading":
                 self.state = "ready"
