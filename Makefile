@@ -9,10 +9,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 VENV011 ?= .venv-vllm011
+VENVCHECK ?= .venv-check
+# the fast lane's tools, pinned so a new release cannot turn CI red on its own
+CHECK_TOOLS ?= ruff==0.17.6 mypy==2.4.1
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm011 test test-vllm032 test-vllm011 browser demo bench-vq bench-engine proto clean
+.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser demo bench-vq bench-engine proto clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +28,20 @@ $(VENV)/.installed: pyproject.toml
 	# service needs none of them (docs/vllm-interfaces.md)
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
+
+# The fast lane: lint and types in seconds, with no vLLM, apt or browser (only ruff and mypy installed).
+check: $(VENVCHECK)/.installed
+	$(VENVCHECK)/bin/ruff check service tests bench scripts
+	$(VENVCHECK)/bin/mypy
+
+$(VENVCHECK)/.installed: Makefile
+	$(PYTHON) -m venv $(VENVCHECK)
+	$(VENVCHECK)/bin/pip install -q $(CHECK_TOOLS)
+	touch $@
+
+# The unit tests only (no server, no vLLM engine, no browser): seconds to a minute.
+test-quick: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 install-vllm011: $(VENV011)/.installed
 
@@ -57,7 +74,7 @@ bench-engine: install
 	$(BIN)/python bench/engine.py
 
 proto: install
-	$(BIN)/python -m service.record.gen
+	$(BIN)/python scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) $(VENV011) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV011) $(VENVCHECK) .pytest_cache .hypothesis

@@ -30,8 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.engine.config import VllmEngineConfig  # noqa: E402
-from service.engine.request import SamplingSettings  # noqa: E402
-from service.generation import GenerationOptions, plan_request  # noqa: E402
+from service.task import GenerationOptions, plan_request  # noqa: E402
 from service.tiny.make import ensure_tiny  # noqa: E402
 from service.tokenizer import Emu35Tokenizer  # noqa: E402
 
@@ -60,7 +59,7 @@ async def emu35_part(model_dir: Path, tok_dir: Path, tok: Emu35Tokenizer, repeat
     from service.engine.vllm_engine import VllmEngine
 
     engine = VllmEngine(VllmEngineConfig(model=str(model_dir), tokenizer=str(tok_dir), dtype="float32",
-                                         max_model_len=1024, max_pairs=8))
+                                         max_model_len=1024, max_pairs=8), tok)
     engine.start()
     try:
         await run_emu35(engine, t2i_requests(tok, 2, "warmup"))

@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engine.rules import (  # noqa: E402
-    PIXELS, Guidance, RowState, SamplingColumns, VocabTables, next_tokens, sample)
+from service.engine.rules import PIXELS, Guidance, RowState, SamplingColumns, VocabTables, next_tokens, sample  # noqa: E402
 
 VOCAB, FIRST_VISUAL = 282_926, 151_854
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,13 +29,16 @@ import numpy as np  # noqa: E402
 import uvicorn  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from service.engine.protocol import EngineStats  # noqa: E402
-from service.engine.request import GenerationRequest, TokenDelta  # noqa: E402
 from service.server.app import create_app  # noqa: E402
 from service.server.runtime import Runtime  # noqa: E402
 from service.server.settings import Settings  # noqa: E402
 from service.tiny.make import ensure_tiny  # noqa: E402
 from service.token_layout import image_ids  # noqa: E402
+from service.types import (  # noqa: E402
+    EngineStats,  # noqa: E402
+    GenerationRequest,
+    TokenDelta,
+)
 
 GRID = 64  # 1024 px / 16
 
@@ -63,7 +66,7 @@ class ReplayEngine:
 
     def check(self, req: GenerationRequest) -> None: ...
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         step = GRID + 1
         for at in range(0, len(self.ids), step):
             t0 = time.perf_counter()
@@ -129,16 +132,23 @@ def main() -> int:
         assert out["images"][0]["width"] == 1024
 
         # where the outside time goes, measured on the same image and record
-        from PIL import Image
         import io
 
-        image = Image.open(io.BytesIO(base64.b64decode(out["images"][0]["b64_json"]))).convert("RGB")
-        from service.server.image_io import encode_image
-        from service.record import build_story, RecordImage
+        from PIL import Image
 
-        t = time.perf_counter(); encode_image(image, "png"); png_s = time.perf_counter() - t
-        t = time.perf_counter(); build_story("q", [], [RecordImage(image)], "s").SerializeToString(); rec_s = time.perf_counter() - t
-        t = time.perf_counter(); json.dumps(out); json_s = time.perf_counter() - t
+        image = Image.open(io.BytesIO(base64.b64decode(out["images"][0]["b64_json"]))).convert("RGB")
+        from service.record import RecordImage, build_story
+        from service.server.image_io import encode_image
+
+        t = time.perf_counter()
+        encode_image(image, "png")
+        png_s = time.perf_counter() - t
+        t = time.perf_counter()
+        build_story("q", [], [RecordImage(image)], "s").SerializeToString()
+        rec_s = time.perf_counter() - t
+        t = time.perf_counter()
+        json.dumps(out)
+        json_s = time.perf_counter() - t
 
         firsts = []
         for _ in range(args.requests):
@@ -159,7 +169,8 @@ def main() -> int:
     print(f"  wall {wall * 1000:.0f} ms = VQ decode {vq * 1000:.0f} ms + engine {eng * 1000:.1f} ms "
           f"+ outside {outside * 1000:.0f} ms ({outside / wall:.1%} of wall)")
     print(f"  of the outside time, measured alone: PNG encode at level 1 {png_s * 1000:.0f} ms (streamed images only; "
-          f"the JSON answer reuses the record's PNG), record build incl. PNG {rec_s * 1000:.0f} ms, JSON {json_s * 1000:.1f} ms; response {rows[-1][3] / 1e6:.1f} MB")
+          f"the JSON answer reuses the record's PNG), record build incl. PNG {rec_s * 1000:.0f} ms, "
+          f"JSON {json_s * 1000:.1f} ms; response {rows[-1][3] / 1e6:.1f} MB")
     print(f"  time to first SSE event: median {statistics.median(firsts) * 1000:.1f} ms "
           f"(min {min(firsts) * 1000:.1f}, max {max(firsts) * 1000:.1f})")
     return 0

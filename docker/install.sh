@@ -8,7 +8,7 @@
 # as the base has them: the project itself goes in with --no-deps, the few dependencies the base
 # lacks are installed under a constraints file that pins every package already present, and the
 # build fails if any of them moved anyway. Nothing here edits vLLM: the service reaches it through
-# its plugin entry point only (DESIGN §8, §9).
+# its plugin entry point only (design.md §8, §9).
 set -euo pipefail
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -25,10 +25,26 @@ def _vis(argv: list[str]) -> int:
     return vis_main(argv)
 
 
+def _demo_settings(settings):
+    """``--demo``: build (once, cached) the tiny checkpoints and serve them. The trainer is imported here,
+    in the command line, so the serving path never imports it."""
+    if not settings.demo:
+        return settings
+    import logging
+    import time
+
+    from service.tiny.make import ensure_tiny
+
+    started = time.monotonic()
+    tiny = ensure_tiny()
+    logging.getLogger("service.server").info("demo: tiny checkpoints in %s (%.1f s)", tiny, time.monotonic() - started)
+    return settings.with_demo_defaults(tiny)
+
+
 def _serve(argv: list[str]) -> int:
     from service.server.run import serve_main
 
-    return serve_main(argv)
+    return serve_main(argv, prepare=_demo_settings)
 
 
 COMMANDS = {"make-tiny": _make_tiny, "vis": _vis, "serve": _serve}

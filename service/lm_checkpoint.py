@@ -1,6 +1,6 @@
 """The Emu3.5 language-model checkpoint format: ``config.json`` (``model_type: "Emu3"``) + safetensors.
 
-Emu3.5's transformer has exactly Qwen3's shapes and weight names (DESIGN §1), so loading means mapping
+Emu3.5's transformer has exactly Qwen3's shapes and weight names (design.md §1), so loading means mapping
 the ``Emu3`` config onto a Qwen3 one and loading the weights unchanged. This module is the one place
 that knows the mapping; the reference engine and the vLLM plugin both use it.
 """
@@ -33,7 +33,7 @@ QWEN3_KEYS = (
     "initializer_range",
 )
 
-#: Token-id fields an Emu3.5 config carries (DESIGN §1).
+#: Token-id fields an Emu3.5 config carries (design.md §1).
 TOKEN_ID_KEYS = (
     "bos_token_id",
     "eos_token_id",

@@ -1,4 +1,4 @@
-"""Tasks, per-task defaults, output sizes and prompt assembly (DESIGN.md §4).
+"""Tasks, per-task defaults, output sizes and prompt assembly (docs/design.md §4).
 
 Prompts are assembled as id lists: the template text is BPE-encoded, the reference images are inserted
 as the id sequences of :func:`service.token_layout.image_ids` (never written out as text and
@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
-from .engine.request import SamplingSettings
+from .limits import MAX_REFERENCE_IMAGES
 from .token_layout import image_ids
+from .types import SamplingSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tokenizer import Emu35Tokenizer
@@ -86,7 +87,7 @@ class TaskDefaults:
     """Defaults of one (task, model variant); every field can be overridden per request.
 
     ``default_size`` is the size specification (see :func:`parse_size_spec`) used when the request has
-    no reference images; ``default_size_with_images`` the one used when it has (DESIGN §4: match the last
+    no reference images; ``default_size_with_images`` the one used when it has (design.md §4: match the last
     reference image by default).
     """
 
@@ -142,7 +143,7 @@ def _interleaved(text: SamplingSettings) -> TaskDefaults:
 _STORY = _interleaved(_TEXT_STORY)
 _HOWTO = _interleaved(_TEXT_HOWTO)
 
-#: Defaults per (task, variant), DESIGN §4.
+#: Defaults per (task, variant), design.md §4.
 #:
 #: * t2i / x2i: CFG 5.0 / 3.0 on Emu3.5-Image, 2.0 on Emu3.5 (the release's recommendation); everything
 #:   else is shared. Without images the size defaults to the ``default`` aspect ratio (55×73 at 1024²);
@@ -165,7 +166,7 @@ DEFAULTS: Mapping[tuple[Task, ModelVariant], TaskDefaults] = MappingProxyType(
     }
 )
 
-#: The model each task is meant for (DESIGN §1 / §4).
+#: The model each task is meant for (design.md §1 / §4).
 RECOMMENDED_VARIANT: Mapping[Task, ModelVariant] = MappingProxyType(
     {
         Task.T2I: ModelVariant.EMU35_IMAGE,
@@ -191,14 +192,12 @@ PATCH_SIZE = 16
 #: exceed the two-digit range a sampled header is constrained to; this bound only keeps requests sane
 #: (a 128×128 image is 16,512 tokens, half the 32,768-token context).
 MAX_GRID_SIDE = 128
-#: A header the model samples itself (``auto``) is constrained to two digits per side (DESIGN §5,
+#: A header the model samples itself (``auto``) is constrained to two digits per side (design.md §5,
 #: ``[1-9][0-9]*[1-9][0-9]``): each side lies in 10..99.
 HEADER_MIN_SIDE = 10
 HEADER_MAX_SIDE = 99
-#: At most this many reference images per request (DESIGN §4).
-MAX_REFERENCE_IMAGES = 3
 
-#: Grid (H, W) in tokens per aspect ratio at :data:`ASPECT_TABLE_AREA` (DESIGN §4, the release's table).
+#: Grid (H, W) in tokens per aspect ratio at :data:`ASPECT_TABLE_AREA` (design.md §4, the release's table).
 ASPECT_RATIOS: Mapping[str, tuple[int, int]] = MappingProxyType(
     {
         "4:3": (55, 73),
@@ -374,7 +373,7 @@ def build_prompts(
     question: str,
     reference_grids: Sequence[np.ndarray] = (),
 ) -> PromptPair:
-    """Conditional and unconditional prompt ids for ``task`` (DESIGN §4).
+    """Conditional and unconditional prompt ids for ``task`` (design.md §4).
 
     ``reference_grids`` are the VQ code grids (``(H, W)`` int arrays) of up to
     :data:`MAX_REFERENCE_IMAGES` reference images, inserted in order. The unconditional prompt keeps the

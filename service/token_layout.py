@@ -1,4 +1,4 @@
-"""The Emu3.5 token protocol (DESIGN.md §3), at the level of token ids.
+"""The Emu3.5 token protocol (docs/design.md §3), at the level of token ids.
 
 Writing an image::
 
@@ -23,7 +23,7 @@ Grammar (what the parser accepts)
   chain-of-thought); any token after it is an error.
 * **Image header**: non-empty decimal digits without a leading zero (so no zero size), ``'*'``, the same
   for the width, then ``IMG``. Nothing else is legal there (not even a skipped structural token). Each
-  image's header is read on its own: DESIGN §5 has later images repeat the first header, which is the
+  image's header is read on its own: design.md §5 has later images repeat the first header, which is the
   sampler's business, not the grammar's.
 * **Image body**: only visual tokens, ``EOL`` and ``EOI``, at exactly the positions of §3.
 * Everything else (a visual token in text, EOL/EOI/IMG outside an image, a stray EOG/EOC, any other
@@ -58,7 +58,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal, cast
 
 import numpy as np
 
@@ -165,7 +165,8 @@ class _ArrayEq:
     def __eq__(self, other):
         if type(other) is not type(self):
             return NotImplemented
-        return all(_values_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+        return all(_values_equal(getattr(self, f.name), getattr(other, f.name))
+                   for f in fields(self))  # type: ignore[arg-type]  # mixed into dataclasses only
 
     __hash__ = None  # type: ignore[assignment]  # arrays are not hashable
 
@@ -424,7 +425,7 @@ class StreamParser:
     def _describe(self, t: int) -> str:
         try:
             return f"id {t} {self._tok.decode([t])!r}"
-        except Exception:  # pragma: no cover - decode of an in-vocabulary id does not fail
+        except Exception:  # noqa: BLE001  # pragma: no cover - decode of an in-vocabulary id does not fail
             return f"id {t}"
 
     def _guarded(self, run, ids) -> list[Event]:
@@ -500,7 +501,7 @@ class StreamParser:
         if not text:
             return
         self._text_parts.append(text)
-        channel = self._mode.value
+        channel = cast(Channel, self._mode.value)
         if events and isinstance(events[-1], TextDelta) and events[-1].channel == channel:
             events[-1] = TextDelta(channel, events[-1].text + text)
         else:
@@ -587,8 +588,8 @@ class StreamParser:
                 self._fail(pos, "image header: no digits before IMG" if not self._hdr_h else "image header: missing '*'")
             if not self._hdr_w:
                 self._fail(pos, "image header: no digits for the width before IMG")
-            self._h = int("".join(map(str, self._hdr_h)))
-            self._w = int("".join(map(str, self._hdr_w)))
+            self._h = int("".join(map(str, self._hdr_h or ())))
+            self._w = int("".join(map(str, self._hdr_w or ())))
             self._k = 0
             self._rows = []
             self._rows_done = 0

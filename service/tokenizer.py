@@ -31,7 +31,7 @@ import tiktoken
 TIKTOKEN_FILE = "emu3.tiktoken"
 VISION_FILE = "emu3_vision_tokens.txt"
 
-#: Qwen's pre-tokenisation pattern (DESIGN §2).
+#: Qwen's pre-tokenisation pattern (design.md §2).
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -47,7 +47,7 @@ VISION_CONTROL = (IMAGE_TOKEN, IMAGE_START, IMAGE_END)
 VISUAL_TOKEN_FORMAT = "<|visual token {:06d}|>"
 _VISUAL_TOKEN_RE = re.compile(r"<\|visual token (\d{6})\|>")
 
-#: Role → token name (DESIGN §2). The ids follow from the files.
+#: Role → token name (design.md §2). The ids follow from the files.
 ROLE_TOKENS: Mapping[str, str] = {
     "bos": "<|extra_203|>",
     "eos": "<|extra_204|>",

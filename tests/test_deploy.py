@@ -39,7 +39,7 @@ BASES = {
     "a3": ("quay.io/ascend/vllm-ascend", "VLLM_ASCEND_TAG", "v0.11.0rc3-a3"),
     "cuda": ("vllm/vllm-openai", "VLLM_TAG", "v0.11.0"),
 }
-#: What vLLM on NPU needs in the environment (DESIGN §8), each set exactly once in the Ascend images.
+#: What vLLM on NPU needs in the environment (design.md §8), each set exactly once in the Ascend images.
 NPU_ENV = {
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
     "TASK_QUEUE_ENABLE": "1",

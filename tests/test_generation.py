@@ -7,12 +7,13 @@ import pytest
 from PIL import Image
 
 from service.engine.reference import ReferenceEngine
-from service.engine.request import SamplingSettings
-from service.generation import GenerationOptions, generate, plan_request, record_items
 from service.record import RecordImage, RecordText, story_pb2
 from service.record.visualise import vis_main
+from service.task import AnswerBuilder, GenerationOptions, plan_request
 from service.token_layout import ImageSegment, TextSegment
+from service.types import SamplingSettings
 from service.vq import VisionTokenizer
+from tests.sync_pipeline import generate
 
 GREEDY = SamplingSettings(1, 1.0, 1.0)
 
@@ -70,9 +71,13 @@ def test_x2i_matches_the_reference_grid(parts):
     assert meta.image.format == story_pb2.PNG
 
 
-def test_record_items_skip_blank_text_and_pair_images():
+def test_answer_and_record_skip_blank_text_and_pair_images():
     img = Image.new("RGB", (16, 16))
-    segs = [TextSegment("  "), TextSegment("hi"), ImageSegment(np.zeros((1, 1), dtype=np.int64))]
-    items = record_items(segs, [img])
+    answer = AnswerBuilder()
+    answer.add_image(img, b"png")
+    for seg in [TextSegment("  "), TextSegment("hi"), ImageSegment(np.zeros((1, 1), dtype=np.int64))]:
+        answer.add_segment(seg)
+    items = answer.record_items
     assert len(items) == 2 and items[0] == RecordText("hi")
-    assert isinstance(items[1], RecordImage) and items[1].image is img
+    assert isinstance(items[1], RecordImage) and items[1].image is img and items[1].png == b"png"
+    assert [(p.type, p.text, p.image_index) for p in answer.parts] == [("text", "hi", None), ("image", None, 0)]

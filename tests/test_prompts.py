@@ -1,9 +1,8 @@
-"""Tasks, defaults, sizes and prompt templates (DESIGN.md §4), on the real tokenizer."""
+"""Tasks, defaults, sizes and prompt templates (docs/design.md §4), on the real tokenizer."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +36,6 @@ from service.prompts import (
 from service.token_layout import ImageSegment, TextSegment, image_ids, parse
 from service.tokenizer import Emu35Tokenizer
 
-
 HOWTO_EXTRA = " Please generate a response with interleaved text and images."
 ALL_TASKS = ["t2i", "x2i", "howto", "story", "explore", "vla"]
 AREA_1024 = 1024 * 1024
@@ -60,7 +58,7 @@ def image_text(codes: np.ndarray) -> str:
 
 
 def release_prompts(task: str, question: str, grids=()) -> tuple[str, str]:
-    """The prompt strings of the release (DESIGN §4 table), to be tokenised as a whole."""
+    """The prompt strings of the release (design.md §4 table), to be tokenised as a whole."""
     extra = HOWTO_EXTRA if task == "howto" else ""
     system = f"You are a helpful assistant for {task} task.{extra}"
     images = "".join(image_text(g) for g in grids)

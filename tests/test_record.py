@@ -1,4 +1,4 @@
-"""Record builder (DESIGN.md section 7 mapping) and the visualiser."""
+"""Record builder (docs/design.md §7 mapping) and the visualiser."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The emu3p5.story schema: .proto <-> generated module drift, the DESIGN section 7 table, and
+"""The emu3p5.story schema: .proto <-> generated module drift, the docs/design.md §7 table, and
 wire compatibility checked against hand-encoded bytes."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from service.record import story_pb2
 
 def test_module_matches_fresh_protoc_compile():
     pytest.importorskip("grpc_tools")
-    from service.record import gen
+    from scripts import gen_proto as gen
 
     fresh_set = descriptor_pb2.FileDescriptorSet.FromString(gen.compile_descriptor_set())
     assert len(fresh_set.file) == 1
@@ -26,13 +26,13 @@ def test_module_matches_fresh_protoc_compile():
     fresh = gen.normalise(fresh_set.file[0])
     committed = gen.normalise(committed)
     assert fresh.name == committed.name == "emu3p5/story.proto"
-    assert fresh == committed, "story.proto and service/record/story_pb2.py drifted: run python -m service.record.gen"
+    assert fresh == committed, "story.proto and service/record/story_pb2.py drifted: run python scripts/gen_proto.py"
 
 
 def test_drift_is_detected(tmp_path, monkeypatch):
     """A one-number change in the .proto must make the comparison above fail."""
     pytest.importorskip("grpc_tools")
-    from service.record import gen
+    from scripts import gen_proto as gen
 
     text = (gen.PROTO_ROOT / gen.PROTO_REL).read_text(encoding="utf-8")
     assert text.count("string question = 12;") == 1
@@ -50,7 +50,7 @@ def test_postprocess_is_what_is_committed():
     pytest.importorskip("grpc_tools")
     from pathlib import Path
 
-    from service.record import gen
+    from scripts import gen_proto as gen
 
     def body(src: str) -> list[str]:
         return [ln for ln in src.splitlines() if not ln.startswith("# Protobuf Python Version:")]
@@ -69,7 +69,7 @@ def test_module_has_no_top_level_emu3p5_dependency():
     assert pickle.loads(pickle.dumps(msg)) == msg
 
 
-# ----------------------------------------------------------------------------- DESIGN table
+# ----------------------------------------------------------------------------- design.md §7 table
 
 S, I32, SI32, D, B, BY, E, M = (
     FD.TYPE_STRING,
@@ -85,7 +85,7 @@ REP = "repeated"
 MAP = "map"
 
 # message -> {field: (number, type, referenced type or None, cardinality)}
-# Clip.timestamp has no type in DESIGN's table; the release's records carry a TimeStamp there.
+# Clip.timestamp has no type in the design table (docs/design.md §7); the release's records carry a TimeStamp there.
 TABLE = {
     "TimeStamp": {"start": (1, D, None, ""), "end": (2, D, None, "")},
     "Image": {

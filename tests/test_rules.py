@@ -13,7 +13,6 @@ from service.engine.rules import (
     CAT_NONZERO_DIGIT,
     CAT_TEXT,
     CAT_VISUAL,
-    HEADER,
     PIXELS,
     TEXT,
     Guidance,
@@ -123,7 +122,7 @@ def test_cfg_matches_the_log_probability_form_up_to_a_row_constant():
         return [x - m for x in xs]
 
     c, u = lsm(cond), lsm(uncond)
-    want = [u_i + 3.0 * (c_i - u_i) for c_i, u_i in zip(c, u)]  # DESIGN §5, by hand
+    want = [u_i + 3.0 * (c_i - u_i) for c_i, u_i in zip(c, u)]  # design.md §5, by hand
     shift = out[0, 0].item() - want[0]
     assert [x - shift for x in out[0].tolist()] == pytest.approx(want, abs=1e-5)
     assert torch.softmax(out[0], -1).tolist() == pytest.approx(torch.softmax(torch.tensor(want), -1).tolist(), abs=1e-6)

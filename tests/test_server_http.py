@@ -13,7 +13,6 @@ import concurrent.futures
 import copy
 import io
 import json
-import time
 
 import httpx
 import numpy as np
@@ -145,7 +144,7 @@ def test_x2i_json_and_multipart_keep_reference_images(http):
     out = r.json()["images"][0]
     ref_im = Image.open(io.BytesIO(story.reference_images[0].image.image_data))
     assert ref_im.size == (96, 64)  # the record keeps the image as sent
-    # match_reference: the grid of the reference resized to the image area (DESIGN §4)
+    # match_reference: the grid of the reference resized to the image area (design.md §4)
     assert (out["width"], out["height"]) == reference_image_size(96, 64, 128 * 128, 16) == (160, 112)
     files = [("images", ("a.png", png_bytes(seed=1), "image/png")), ("images", ("b.png", png_bytes(seed=2), "image/png"))]
     m = http.post("/v1/x2i", data={"prompt": "merge", "size": SMALL, "seed": "4", "image_area": "16384"}, files=files)
@@ -180,9 +179,26 @@ def test_narrative_streams_text_before_images_and_an_image_per_start(http):
     done = events[-1][1]
     streamed = "".join(d["delta"] for k, d in events if k == "text")
     assert done["text"] == streamed.strip() or done["text"] in streamed
-    story = _story(done["record"])
+    # done names the record rather than repeating every image: smaller than the images it describes
+    assert "record" not in done and done["record_url"] == f"/v1/records/{done['id']}"
+    assert len(json.dumps(done)) < sum(len(d["b64_json"]) for d in images.values())
+    saved = http.get(done["record_url"])
+    assert saved.status_code == 200
+    story = _story(base64.b64encode(saved.content).decode())
     assert story.question == "a robot in the city" and story.summary  # global chain-of-thought
     assert sum(len(s.images) for c in story.clips for s in c.segments) == len(images)
+    streamed_png = {i: base64.b64decode(d["b64_json"]) for i, d in images.items()}
+    record_png = [m.image.image_data for c in story.clips for s in c.segments for m in s.images]
+    assert record_png == [streamed_png[i] for i in sorted(streamed_png)]  # the same bytes, encoded once
+
+
+def test_done_event_carries_the_record_when_asked(http):
+    with connect_sse(http, "POST", "/v1/t2i", json={"prompt": "a red square", "size": "64x64", "seed": 1,
+                                                   "stream": True, "include_record": True}) as source:
+        events = [(sse.event, json.loads(sse.data)) for sse in source.iter_sse()]
+    done = events[-1][1]
+    assert events[-1][0] == "done"
+    assert _story(done["record"]).story_id == done["id"] == done["record_id"]
 
 
 def test_accept_header_selects_streaming_for_guidance(http):

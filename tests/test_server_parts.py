@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from PIL import Image
 
 from service.server.errors import APIError
@@ -248,7 +251,7 @@ def test_vq_worker_reports_a_failed_load():
 @pytest.fixture(scope="module")
 def runner(tiny_dir, tiny_tokenizer):
     from service.engine.async_reference import AsyncReferenceEngine
-    from service.streaming import GenerationRunner
+    from service.task import GenerationRunner
     from service.vq import VisionTokenizer
     from service.vq.worker import VqWorker
 
@@ -262,7 +265,7 @@ def runner(tiny_dir, tiny_tokenizer):
 
 
 def _collect(runner, gen, rid, preview=None, stop_after=None):
-    from service.streaming import Finished
+    from service.task import Finished
 
     async def go():
         prepared = await runner.prepare(gen, rid)
@@ -281,24 +284,23 @@ def _collect(runner, gen, rid, preview=None, stop_after=None):
 
 
 def test_runner_streams_a_t2i_image_and_builds_its_record(runner):
-    from service.engine.request import SamplingSettings
-    from service.generation import GenerationOptions
     from service.prompts import Task
     from service.record import story_pb2
-    from service.streaming import GenerationInput, ImageBegin, ImageOut, ImageProgress
+    from service.task import GenerationInput, GenerationOptions, ImageProgress, ImageReady, ImageStart
+    from service.types import SamplingSettings
 
     greedy = SamplingSettings(1, 1.0, 1.0)
     gen = GenerationInput(Task.T2I, "a cat", (), GenerationOptions(size="128x128", text=greedy, image=greedy))
     prepared, events, out = _collect(runner, gen, "unit-t2i", preview=4)
     assert prepared.request.target_grid == (8, 8)
     kinds = [type(e).__name__ for e in events]
-    assert kinds[0] == "ImageBegin" and kinds[-2:] == ["ImageOut", "Finished"]
+    assert kinds[0] == "ImageStart" and kinds[-2:] == ["ImageReady", "Finished"]
     begin = events[0]
-    assert isinstance(begin, ImageBegin) and (begin.width, begin.height) == (128, 128)
+    assert isinstance(begin, ImageStart) and (begin.width, begin.height) == (128, 128)
     progress = [e for e in events if isinstance(e, ImageProgress)]
     assert [p.rows for p in progress] == list(range(1, 9))
     assert [p.preview.size for p in progress if p.preview is not None] == [(128, 64)]  # at row 4 (not at 8: done)
-    (image,) = [e.image for e in events if isinstance(e, ImageOut)]
+    (image,) = [e.image for e in events if isinstance(e, ImageReady)]
     assert image.size == (128, 128) and out.images == [image]
     assert out.finish_reason == "stop" and out.usage.visual_tokens == 64 and out.usage.completion_tokens == 77
     story = story_pb2.Story()
@@ -307,24 +309,22 @@ def test_runner_streams_a_t2i_image_and_builds_its_record(runner):
 
 
 def test_runner_interleaved_text_comes_before_the_image(runner):
-    from service.generation import GenerationOptions
     from service.prompts import Task
-    from service.streaming import GenerationInput, ImageBegin, TextOut
+    from service.task import GenerationInput, GenerationOptions, ImageStart, TextOut
 
     gen = GenerationInput(Task.STORY, "a robot in the city", (), GenerationOptions(seed=3))
     _, events, out = _collect(runner, gen, "unit-story")
     first_text = next(i for i, e in enumerate(events) if isinstance(e, TextOut))
-    first_image = next(i for i, e in enumerate(events) if isinstance(e, ImageBegin))
+    first_image = next(i for i, e in enumerate(events) if isinstance(e, ImageStart))
     assert first_text < first_image
-    assert {s.type for s in out.segments} >= {"global_cot", "text", "image"}
+    assert {s.type for s in out.parts} >= {"global_cot", "text", "image"}
     streamed = "".join(e.delta for e in events if isinstance(e, TextOut) and e.channel == "text")
     assert out.text.strip() and out.text.strip() in streamed
 
 
 def test_runner_refuses_what_cannot_run(runner):
-    from service.generation import GenerationOptions
     from service.prompts import Task
-    from service.streaming import GenerationInput, GenerationInputError
+    from service.task import GenerationInput, GenerationOptions, PlanError
 
     async def prep(gen):
         return await runner.prepare(gen, "bad")
@@ -335,14 +335,13 @@ def test_runner_refuses_what_cannot_run(runner):
         (GenerationInput(Task.STORY, "x " * 3000, (), GenerationOptions()), "context"),
         (GenerationInput(Task.HOWTO, "x", (), GenerationOptions(size="match_reference")), "reference image"),
     ]:
-        with pytest.raises(GenerationInputError, match=match):
+        with pytest.raises(PlanError, match=match):
             asyncio.run(prep(gen))
 
 
 def test_closing_the_stream_aborts_the_reference_engine(runner):
-    from service.generation import GenerationOptions
     from service.prompts import Task
-    from service.streaming import GenerationInput, ImageProgress
+    from service.task import GenerationInput, GenerationOptions, ImageProgress
 
     gen = GenerationInput(Task.T2I, "x", (), GenerationOptions(size="256x256"))
     _, events, out = _collect(runner, gen, "unit-abort", stop_after=lambda e: isinstance(e, ImageProgress))
@@ -354,3 +353,44 @@ def test_closing_the_stream_aborts_the_reference_engine(runner):
 
         time.sleep(0.02)
     assert runner.engine.stats().unfinished_sequences == 0
+
+
+def test_each_generated_image_is_png_encoded_once_per_request(runner, monkeypatch):
+    """The record, the SSE ``image`` event and the JSON answer all send the task layer's one PNG."""
+    from PIL import Image as PILImage
+
+    from service.prompts import Task
+    from service.server.render import done_event, generation_body, sse_message
+    from service.task import Finished, GenerationInput, GenerationOptions, SamplingSettings
+
+    greedy = SamplingSettings(1, 1.0, 1.0)
+    gen = GenerationInput(Task.T2I, "a cat", (), GenerationOptions(size="128x128", text=greedy, image=greedy))
+    saves: list[str] = []
+    real_save = PILImage.Image.save
+
+    def counting_save(self, fp, format=None, **kw):
+        saves.append(str(format).upper())
+        return real_save(self, fp, format=format, **kw)
+
+    monkeypatch.setattr(PILImage.Image, "save", counting_save)
+    _, events, out = _collect(runner, gen, "unit-encode-once")
+    for ev in events:  # what the SSE answer sends
+        if not isinstance(ev, Finished):
+            sse_message(ev)
+    done = done_event(out, "/v1/records/unit-encode-once", include_record=False)
+    body = generation_body(out, "emu3.5", 0)  # what the JSON answer sends
+    assert saves == ["PNG"]  # one image, one encoding
+    assert body["images"][0]["b64_json"] == base64.b64encode(out.pngs[0]).decode()
+    story = _story_of(out.record)
+    assert story.clips[0].segments[0].images[0].image.image_data == out.pngs[0]
+    assert "record" not in done and done["record_url"].endswith("unit-encode-once")
+    # the done event names the record instead of repeating it: far smaller than the image it describes
+    assert len(json.dumps(done)) < len(body["images"][0]["b64_json"])
+
+
+def _story_of(record: bytes):
+    from service.record import story_pb2
+
+    story = story_pb2.Story()
+    story.ParseFromString(record)
+    return story

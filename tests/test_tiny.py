@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
@@ -14,13 +13,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from service.engine.reference import ReferenceEngine
-from service.engine.request import GenerationRequest, SamplingSettings
 from service.lm_checkpoint import Emu3Config
 from service.prompts import ModelVariant, Task, build_prompts, defaults_for
 from service.tiny.lm import TinyLMSpec, train_tiny_lm
 from service.tiny.tokenizer_files import NUM_BPE_RANKS
 from service.token_layout import GlobalCotSegment, ImageCotSegment, ImageSegment, TextSegment, parse
 from service.tokenizer import TIKTOKEN_FILE, VISION_FILE
+from service.types import GenerationRequest, SamplingSettings
 from service.vq import VisionTokenizer
 
 GREEDY = SamplingSettings(top_k=1, top_p=1.0, temperature=1.0)

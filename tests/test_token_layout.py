@@ -1,8 +1,6 @@
-"""The Emu3.5 token protocol (DESIGN.md §3): building image ids, the stream parser and parse()."""
+"""The Emu3.5 token protocol (docs/design.md §3): building image ids, the stream parser and parse()."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +26,6 @@ from service.token_layout import (
     parse,
 )
 from service.tokenizer import Emu35Tokenizer
-
 
 HYP = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NUM_CODES = 131_072

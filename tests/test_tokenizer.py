@@ -1,4 +1,4 @@
-"""The tokenizer against the real Emu3.5 tokenizer files (DESIGN.md §2)."""
+"""The tokenizer against the real Emu3.5 tokenizer files (docs/design.md §2)."""
 
 from __future__ import annotations
 

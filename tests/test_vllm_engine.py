@@ -21,9 +21,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed (the test command inst
 
 from service.engine.config import VllmEngineConfig  # noqa: E402
 from service.engine.reference import ReferenceEngine  # noqa: E402
-from service.engine.request import GenerationRequest, SamplingSettings  # noqa: E402
-from service.generation import GenerationOptions, plan_request  # noqa: E402
+from service.task import GenerationOptions, plan_request  # noqa: E402
 from service.token_layout import ImageSegment, TextSegment, parse  # noqa: E402
+from service.types import GenerationRequest, SamplingSettings  # noqa: E402
 from service.vq import VisionTokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -56,14 +56,29 @@ def loop():
     lt.close()
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_dir, loop):
+def recording_engine(cfg: VllmEngineConfig, tok):
+    """A VllmEngine that keeps each uncond half's ids, to prove the pair stays in lockstep."""
     from service.engine.vllm_engine import VllmEngine
 
+    class RecordingVllmEngine(VllmEngine):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.uncond_outputs: dict[str, list[int]] = {}
+
+        async def _drain(self, rid, prompt, params, owner):
+            ids = await super()._drain(rid, prompt, params, owner)
+            self.uncond_outputs[owner] = ids
+            return ids
+
+    return RecordingVllmEngine(cfg, tok)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir, tiny_tokenizer, loop):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = VllmEngineConfig(model=str(tiny_dir / "model"), tokenizer=str(tiny_dir / "tokenizer"), dtype="float32",
                            max_model_len=1024, max_pairs=8, num_kv_blocks=KV_BLOCKS)
-    eng = VllmEngine(cfg, keep_uncond=True)
+    eng = recording_engine(cfg, tiny_tokenizer)
 
     async def start():
         eng.start()
@@ -95,7 +110,7 @@ def t2i(tok, prompt: str, rid: str, **kw) -> GenerationRequest:
 
 
 def assert_image_layout(tok, ids: list[int], h: int, w: int) -> None:
-    """BOI, header, IMG, then H·(W+1) tokens: EOL after each of the first H−1 rows, EOI last (DESIGN §3)."""
+    """BOI, header, IMG, then H·(W+1) tokens: EOL after each of the first H−1 rows, EOI last (design.md §3)."""
     img_at = ids.index(tok.ids.img)
     body = ids[img_at + 1:img_at + 1 + h * (w + 1)]
     assert len(body) == h * (w + 1)
@@ -234,13 +249,11 @@ def test_requests_that_cannot_run_are_refused_up_front(engine, tiny_tokenizer):
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel 2 on CPU needs one core per rank")
 def test_tensor_parallel_2_matches_reference(tiny_dir, reference, tiny_tokenizer, monkeypatch):
     """TP=2 on the CPU build: each rank binds its OpenMP threads to its own core ("0|1")."""
-    from service.engine.vllm_engine import VllmEngine
-
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     lt = LoopThread()
-    eng = VllmEngine(VllmEngineConfig(model=str(tiny_dir / "model"), tokenizer=str(tiny_dir / "tokenizer"),
-                                      dtype="float32", max_model_len=1024, max_pairs=2, tensor_parallel_size=2),
-                     keep_uncond=True)
+    eng = recording_engine(VllmEngineConfig(model=str(tiny_dir / "model"), tokenizer=str(tiny_dir / "tokenizer"),
+                                            dtype="float32", max_model_len=1024, max_pairs=2, tensor_parallel_size=2),
+                           tiny_tokenizer)
     try:
         async def start():
             eng.start()
@@ -288,7 +301,7 @@ def test_self_check_refuses_an_engine_whose_platform_swapped_an_extension_point(
     monkeypatch.setattr(current_platform, "check_and_update_config", platform_hook)
     lt = LoopThread()
     eng = VllmEngine(VllmEngineConfig(model=str(tiny_dir / "model"), tokenizer=str(tiny_dir / "tokenizer"),
-                                      dtype="float32", max_model_len=256, max_pairs=1, num_kv_blocks=4))
+                                      dtype="float32", max_model_len=256, max_pairs=1, num_kv_blocks=4), tiny_tokenizer)
     try:
         async def start():
             eng.start()

@@ -2,7 +2,7 @@
 
 The pair-aware scheduler (``service.engine.vllm_scheduler``) asks this module before every step. Keeping
 the policy here, over plain numbers, lets it be tested exhaustively without an engine and read in one
-place. The rules (DESIGN §9):
+place. The rules (design.md §9):
 
 * a cond/uncond pair starts only when both halves have reached the engine core;
 * it starts only when the KV blocks for both halves at their *maximum* length fit into the free blocks

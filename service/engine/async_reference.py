@@ -11,14 +11,17 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncGenerator
 
 from service.engine.protocol import EngineError, EngineRequestError, EngineStats, check_fits
-from service.engine.request import GenerationRequest, TokenDelta
 from service.tokenizer import Emu35Tokenizer
+from service.types import GenerationRequest, TokenDelta
 
 _DONE = object()
 
+
+if TYPE_CHECKING:
+    from service.engine.reference import ReferenceEngine
 
 class AsyncReferenceEngine:
     """:class:`~service.engine.reference.ReferenceEngine` with the :class:`AsyncEngine` API."""
@@ -31,7 +34,7 @@ class AsyncReferenceEngine:
         self.dtype = dtype
         self._max_model_len_setting = max_model_len
         self._max_model_len = 0
-        self._engine = None
+        self._engine: ReferenceEngine | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._aborted: set[str] = set()
         self._waiting: set[str] = set()
@@ -77,11 +80,14 @@ class AsyncReferenceEngine:
                            self._steps, 0, rows, (running + len(self._waiting)) * rows)
 
     def check(self, req: GenerationRequest) -> None:
+        self._check_id(req)
+        check_fits(req, self._max_model_len)
+
+    def _check_id(self, req: GenerationRequest) -> None:
         if self._engine is None:
             raise EngineError("engine is not started")
         if req.request_id in self._waiting or req.request_id == self._running:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
-        check_fits(req, self._max_model_len)
 
     def _run(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """Worker thread: decode step by step, hand each delta to the loop, stop early on abort."""
@@ -92,10 +98,11 @@ class AsyncReferenceEngine:
             if not skip:
                 self._running = rid
         try:
-            if skip:
+            engine = self._engine
+            if skip or engine is None:
                 loop.call_soon_threadsafe(queue.put_nowait, TokenDelta([], "abort"))
                 return
-            for delta in self._engine.generate(req):
+            for delta in engine.generate(req):
                 self._steps += 1
                 if rid in self._aborted:
                     loop.call_soon_threadsafe(queue.put_nowait, TokenDelta([], "abort"))
@@ -111,8 +118,8 @@ class AsyncReferenceEngine:
                 self._aborted.discard(rid)
             loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        self.check(req)
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
+        self._check_id(req)  # the rest of check() ran when the request was prepared
         if self._pool is None:
             raise EngineError("engine is not started")
         loop = asyncio.get_running_loop()

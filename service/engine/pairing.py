@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from service.engine.request import GenerationRequest, SamplingSettings
+from service.types import GenerationRequest, SamplingSettings
 
 EXTRA_KEY = "emu35"
 UNCOND_SUFFIX = "#uncond"

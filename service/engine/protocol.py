@@ -6,10 +6,9 @@ engine can be swapped by a setting and tests can use either.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncGenerator, Protocol
 
-from service.engine.request import GenerationRequest, TokenDelta
+from service.types import EngineStats, GenerationRequest, TokenDelta
 
 
 class EngineError(RuntimeError):
@@ -22,21 +21,6 @@ class EngineRequestError(ValueError):
 
 class PairBrokenError(EngineError):
     """A cond/uncond pair lost lockstep; the generation was failed rather than continued."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What the engine is doing now. Pairs count generations (a guided one is two vLLM sequences)."""
-
-    running_pairs: int
-    waiting_pairs: int
-    running_sequences: int  # the engine's own count, from its last scheduler step
-    waiting_sequences: int
-    kv_usage: float  # fraction of the KV cache in use at the last step
-    steps: int  # scheduler steps seen
-    preempted_sequences: int  # sequences preempted since start (the pair scheduler keeps this 0)
-    peak_running_sequences: int  # most sequences run in one step since start
-    unfinished_sequences: int = 0  # sequences the engine still tracks now (live, not from the last step)
 
 
 def check_fits(req: GenerationRequest, max_model_len: int) -> list[list[int]]:
@@ -77,7 +61,8 @@ class AsyncEngine(Protocol):
     def check(self, req: GenerationRequest) -> None:
         """Raise :class:`EngineRequestError` when ``req`` can never run on this engine."""
 
-    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """The cond sequence's new ids as they come; closing the iterator aborts the generation."""
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
+        """The cond sequence's new ids as they come; closing the iterator aborts the generation.
+        Call :meth:`check` first: ``generate`` only refuses an id that is already running."""
 
     async def abort(self, request_id: str) -> None: ...

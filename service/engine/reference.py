@@ -3,7 +3,7 @@
 It runs where vLLM does not and is the oracle of the vLLM engine's tests: both apply the same rule and
 sampling functions (``service.engine.rules``) to their logits, so greedy decoding must give identical
 ids. The cond and uncond sequences of a request run as one left-padded batch of two; the uncond row
-always receives the cond row's token (the lockstep form of DESIGN §5).
+always receives the cond row's token (the lockstep form of design.md §5).
 """
 
 from __future__ import annotations
@@ -15,10 +15,19 @@ from typing import Iterator
 
 import torch
 
-from service.engine.request import GenerationRequest, TokenDelta
-from service.engine.rules import Guidance, RowState, SamplingColumns, VocabTables, advance, effective_top_k, next_tokens, sampling_columns
+from service.engine.rules import (
+    Guidance,
+    RowState,
+    SamplingColumns,
+    VocabTables,
+    advance,
+    effective_top_k,
+    next_tokens,
+    sampling_columns,
+)
 from service.lm_checkpoint import CheckpointError, Emu3Config
 from service.tokenizer import Emu35Tokenizer
+from service.types import GenerationRequest, TokenDelta
 
 
 def load_qwen3_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -53,7 +62,7 @@ class ReferenceEngine:
     @torch.inference_mode()
     def generate(self, req: GenerationRequest) -> Iterator[TokenDelta]:
         """Yield one delta per generated token (the cond sequence's)."""
-        prompts = [req.cond_prompt] + ([req.uncond_prompt] if req.guided else [])
+        prompts = [req.cond_prompt] + ([req.uncond_prompt] if req.guided and req.uncond_prompt else [])
         rows = len(prompts)
         width = max(len(p) for p in prompts)
         pad = self.tok.ids.pad

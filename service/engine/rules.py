@@ -1,4 +1,4 @@
-"""Emu3.5's decoding rules (DESIGN §5) as whole-batch tensor operations.
+"""Emu3.5's decoding rules (design.md §5) as whole-batch tensor operations.
 
 One implementation serves both engines: the reference engine calls it on its own logits, and the vLLM
 logits processor calls it on vLLM's batch. Every function works on all rows at once; nothing here loops
@@ -222,7 +222,7 @@ class Guidance:
 def guide_(logits: torch.Tensor, guidance: Guidance, visual: torch.Tensor, first_visual: int = 0) -> None:
     """Classifier-free guidance, in place, on the cond row of every pair that is drawing a pixel.
 
-    DESIGN §5 writes it on log-probabilities: ``log_softmax(u) + s·(log_softmax(c) − log_softmax(u))``.
+    design.md §5 writes it on log-probabilities: ``log_softmax(u) + s·(log_softmax(c) − log_softmax(u))``.
     That equals ``c + (s − 1)·(c − u)`` minus a per-row constant (the two log-normalisers), and every
     sampling step after it (temperature, top-k, top-p, softmax, argmax) ignores a per-row constant, so
     this form gives the same tokens without two vocabulary-wide log-softmaxes. Rows not drawing a pixel
@@ -257,7 +257,7 @@ def next_tokens(logits: torch.Tensor, state: RowState, tables: VocabTables, guid
                 generators: Sequence[torch.Generator | None] = (), draws: Sequence[int] = (),
                 fallback: torch.Generator | None = None, managed: torch.Tensor | None = None,
                 columns: slice | None = None) -> torch.Tensor:
-    """One decoding step of DESIGN §5 for every row: CFG, masks, text/image sampling, forced tokens.
+    """One decoding step of design.md §5 for every row: CFG, masks, text/image sampling, forced tokens.
 
     Both engines call exactly this, so they agree token for token. ``logits`` (float32) is overwritten.
     Rows where ``managed`` is False are neither guided nor masked (their token is meaningless).

@@ -2,11 +2,11 @@
 
 One ``AsyncLLM`` (tensor parallel) runs every generation. A guided generation is submitted as two vLLM
 requests that carry their Emu3.5 settings in ``SamplingParams.extra_args``; the pair-aware scheduler
-admits them together and the logits processor applies DESIGN §5 to the whole batch, samples, and forces
+admits them together and the logits processor applies design.md §5 to the whole batch, samples, and forces
 the cond row's token into the uncond row. vLLM itself runs greedy over the processor's one-hot rows.
 
 The engine yields :class:`TokenDelta` for the cond sequence only; the uncond sequence is drained in the
-background (its ids are kept when ``keep_uncond`` is set, which the tests use to prove lockstep).
+background (:meth:`VllmEngine._drain` returns its ids; the tests' subclass keeps them to prove lockstep).
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from service.engine.admission import blocks_for
 from service.engine.config import VllmEngineConfig
 from service.engine.pairing import UNCOND_SUFFIX, row_specs
-from service.engine.protocol import EngineError, EngineRequestError, EngineStats, check_fits, PairBrokenError
-from service.engine.request import GenerationRequest, TokenDelta
+from service.engine.protocol import EngineError, EngineRequestError, EngineStats, PairBrokenError, check_fits
 from service.tokenizer import Emu35Tokenizer
+from service.types import GenerationRequest, TokenDelta
 
 __all__ = ["VllmEngine", "EngineError", "EngineRequestError", "EngineStats", "PairBrokenError"]
 
@@ -100,11 +99,9 @@ class _StatsSink:
 class VllmEngine:
     """Async Emu3.5 engine over vLLM's ``AsyncLLM``. Call :meth:`start` before use, :meth:`shutdown` after."""
 
-    def __init__(self, config: VllmEngineConfig, *, keep_uncond: bool = False) -> None:
+    def __init__(self, config: VllmEngineConfig, tokenizer: Emu35Tokenizer) -> None:
         self.config = config
-        self.tokenizer = Emu35Tokenizer.from_dir(config.tokenizer)
-        self.keep_uncond = keep_uncond
-        self.uncond_outputs: OrderedDict[str, list[int]] = OrderedDict()
+        self.tokenizer = tokenizer  # the service's own: PAD (a failed pair) and the self-check's ids
         self._llm: Any = None
         self._stats = _StatsSink()
         self._inflight: dict[str, bool] = {}  # request id -> has produced a token (running) or not (waiting)
@@ -173,18 +170,21 @@ class VllmEngine:
     # ---- requests -------------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
         """Raise :class:`EngineRequestError` when the request can never run on this engine."""
-        if self._llm is None:
-            raise EngineError("engine is not started")
-        if req.request_id in self._inflight:
-            raise EngineRequestError(f"request id {req.request_id!r} is already running")
-        if UNCOND_SUFFIX in req.request_id:
-            raise EngineRequestError(f"request id must not contain {UNCOND_SUFFIX!r}")
+        self._check_id(req)
         prompts = check_fits(req, self._max_model_len)
         if self.kv_blocks and self.block_size:
             need = sum(blocks_for(len(p) + req.max_new_tokens, self.block_size) for p in prompts)
             if need > self.kv_blocks - 1:
                 raise EngineRequestError(
                     f"the generation needs {need} KV blocks at full length; the engine has {self.kv_blocks - 1}")
+
+    def _check_id(self, req: GenerationRequest) -> None:
+        if self._llm is None:
+            raise EngineError("engine is not started")
+        if req.request_id in self._inflight:
+            raise EngineRequestError(f"request id {req.request_id!r} is already running")
+        if UNCOND_SUFFIX in req.request_id:
+            raise EngineRequestError(f"request id must not contain {UNCOND_SUFFIX!r}")
 
     def _sampling_params(self, req: GenerationRequest, extra: dict, cond: bool):
         from vllm import SamplingParams
@@ -202,10 +202,10 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA if cond else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """Run one generation; yield the cond sequence's new ids as they come. Cancelling the iteration
-        (or :meth:`abort`) ends both halves."""
-        self.check(req)
+        (or :meth:`abort`) ends both halves. :meth:`check` ran when the request was prepared."""
+        self._check_id(req)
         rows = row_specs(req)
         self._inflight[req.request_id] = False
         uncond_task: asyncio.Task | None = None
@@ -248,14 +248,12 @@ class VllmEngine:
             if not finished:
                 await self._abort_ids([id_ for id_, _, _ in rows])
 
-    async def _drain(self, rid: str, prompt: list[int], params: Any, owner: str) -> None:
+    async def _drain(self, rid: str, prompt: list[int], params: Any, owner: str) -> list[int]:
+        """Run the uncond half to its end; return its ids (the processor gave it the cond half's)."""
         ids: list[int] = []
         async for out in self._llm.generate({"prompt_token_ids": list(prompt)}, params, rid):
             ids = list(out.outputs[0].token_ids)
-        if self.keep_uncond:
-            self.uncond_outputs[owner] = ids
-            while len(self.uncond_outputs) > 256:
-                self.uncond_outputs.popitem(last=False)
+        return ids
 
     async def abort(self, request_id: str) -> None:
         """End a generation: both halves stop and free their KV blocks."""

@@ -7,7 +7,7 @@ with public hooks only (both vLLM 0.11 and 0.32; see docs/vllm-interfaces.md):
 * registers :class:`Emu3VllmConfig` with transformers' ``AutoConfig`` under ``"Emu3"`` (capital E;
   transformers' own ``emu3`` is a different, multimodal model). vLLM reads every config that is not
   in its private ``_CONFIG_REGISTRY`` with ``AutoConfig.from_pretrained``, which then returns a
-  Qwen3 config describing the same network (DESIGN §1);
+  Qwen3 config describing the same network (design.md §1);
 * registers the architecture ``Emu3ForCausalLM`` with vLLM's ``ModelRegistry`` as a lazy
   ``"module:Class"`` reference, so the model code (and torch device state) is imported only in the
   processes that build the model.
@@ -28,7 +28,7 @@ from service.lm_checkpoint import ARCHITECTURE, MODEL_TYPE
 PLUGIN_NAME = "emu35"
 #: Lazy reference to the vLLM model class (imported only where the model is built).
 MODEL_CLASS_REF = "service.engine.emu3_vllm_model:Emu3ForCausalLM"
-#: Default RoPE base of Emu3.5 (DESIGN §1); transformers' Qwen3 default is 10,000.
+#: Default RoPE base of Emu3.5 (design.md §1); transformers' Qwen3 default is 10,000.
 DEFAULT_ROPE_THETA = 1_000_000.0
 
 
@@ -41,7 +41,7 @@ class Emu3VllmConfig(Qwen3Config):
     model_type = MODEL_TYPE
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):  # type: ignore[override]
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
         d = dict(config_dict)
         if d.get("head_dim") is None and d.get("hidden_size") and d.get("num_attention_heads"):
             d["head_dim"] = int(d["hidden_size"]) // int(d["num_attention_heads"])

@@ -27,7 +27,16 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from service.engine.pairing import COND, EXTRA_KEY, UNCOND, RowSpec, probe_answer
-from service.engine.rules import Guidance, RowState, SamplingColumns, VocabTables, advance, effective_top_k, next_tokens, sampling_columns
+from service.engine.rules import (
+    Guidance,
+    RowState,
+    SamplingColumns,
+    VocabTables,
+    advance,
+    effective_top_k,
+    next_tokens,
+    sampling_columns,
+)
 from service.tokenizer import Emu35Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -44,7 +53,7 @@ class _Row:
 
 
 class Emu35LogitsProcessor(LogitsProcessor):
-    """Batch-wide Emu3.5 rules + sampling (DESIGN §5)."""
+    """Batch-wide Emu3.5 rules + sampling (design.md §5)."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         tok = Emu35Tokenizer.from_dir(vllm_config.model_config.tokenizer)

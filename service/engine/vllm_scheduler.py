@@ -36,7 +36,7 @@ def _stamp(request: Any) -> None:
     """Mark an Emu3.5 request as seen by this scheduler. The mark travels to the workers inside
     ``SamplingParams.extra_args``, where the logits processor answers the start-up probe with it."""
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
-    if is_emu35_request(extra):
+    if extra is not None and is_emu35_request(extra):
         extra[ADMITTED_KEY] = ADMITTED_BY
 
 

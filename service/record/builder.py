@@ -1,4 +1,4 @@
-"""Build the ``emu3p5.story.Story`` record of one generation (DESIGN.md section 7).
+"""Build the ``emu3p5.story.Story`` record of one generation (docs/design.md §7).
 
 Input model (kept local so this module does not depend on the token-layout parser):
 a sequence of items, in generation order, each one of
@@ -88,9 +88,11 @@ class RecordImageCot:
 
 @dataclass(frozen=True, eq=False)
 class RecordImage:
-    """A decoded generated image."""
+    """A decoded generated image, and its PNG when the caller has encoded it already (it is then stored
+    as given, so one image is encoded once per request however many places send it)."""
 
     image: PILImage.Image
+    png: bytes | None = None
 
 
 RecordItem = Union[RecordText, RecordGlobalCot, RecordImageCot, RecordImage]
@@ -106,8 +108,9 @@ def encode_png(img: PILImage.Image, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
-def image_message(img: PILImage.Image, image_id: str = "") -> story_pb2.ImageMeta:
-    """``ImageMeta{image_id, image=Image{width, height, format=PNG, image_data}}`` for ``img``."""
+def image_message(img: PILImage.Image, image_id: str = "", png: bytes | None = None) -> story_pb2.ImageMeta:
+    """``ImageMeta{image_id, image=Image{width, height, format=PNG, image_data}}`` for ``img`` (``png``:
+    its encoding, when already made)."""
     width, height = img.size
     return story_pb2.ImageMeta(
         image_id=image_id,
@@ -115,7 +118,7 @@ def image_message(img: PILImage.Image, image_id: str = "") -> story_pb2.ImageMet
             width=width,
             height=height,
             format=story_pb2.PNG,
-            image_data=encode_png(img),
+            image_data=encode_png(img) if png is None else png,
         ),
     )
 
@@ -163,12 +166,12 @@ class StoryBuilder:
         """Remember a per-image CoT for the next image (newline-joined if several)."""
         self._pending_image_cot = _join(self._pending_image_cot, text)
 
-    def add_image(self, image: PILImage.Image) -> story_pb2.ImageMeta:
+    def add_image(self, image: PILImage.Image, png: bytes | None = None) -> story_pb2.ImageMeta:
         """Append a generated image to the last clip's segment; returns its ImageMeta."""
         if not self._story.clips:
             self._new_clip("")  # image-first answer (T2I / X2I): clip with empty asr
         segment = self._story.clips[-1].segments[-1]
-        meta = image_message(image, IMAGE_ID_FORMAT % self._n_images)
+        meta = image_message(image, IMAGE_ID_FORMAT % self._n_images, png)
         if self._pending_image_cot:
             meta.chain_of_thought = self._pending_image_cot
             self._pending_image_cot = ""
@@ -181,7 +184,7 @@ class StoryBuilder:
         if isinstance(item, RecordText):
             self.add_text(item.text)
         elif isinstance(item, RecordImage):
-            self.add_image(item.image)
+            self.add_image(item.image, item.png)
         elif isinstance(item, RecordImageCot):
             self.add_image_cot(item.text)
         elif isinstance(item, RecordGlobalCot):

@@ -3,7 +3,7 @@
 # NO CHECKED-IN PROTOBUF GENCODE
 # source: emu3p5/story.proto
 # Protobuf Python Version: 7.35.1
-# Post-processed by `python -m service.record.gen` (module name set to
+# Post-processed by `python scripts/gen_proto.py` (module name set to
 # service.record.story_pb2; runtime-version guard removed so protobuf>=5.26 can load it).
 """Generated protocol buffer code."""
 from google.protobuf import descriptor as _descriptor

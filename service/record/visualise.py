@@ -9,12 +9,12 @@ A file is written straight into ``--out``. A directory is scanned recursively fo
 each record goes to ``--out/<relative dir>/<stem>/`` so equal stems in different folders
 do not collide.
 
-Layout of one record (DESIGN.md section 7):
+Layout of one record (docs/design.md §7):
 
 =========================  ===========================================================
 ``000_question.txt``       ``Story.question`` (always written, may be empty)
 ``000_global_cot.txt``     ``Story.summary``; only when non-empty
-``000_MM_reference.png``   reference image MM (00, 01, ...); an addition to DESIGN
+``000_MM_reference.png``   reference image MM (00, 01, ...); an addition to the design notes (docs/design.md §7)
 ``NNN_text.txt``           clip NNN's text; only when non-empty (an image-first clip of a
                            T2I answer has none)
 ``NNN_MM_image.png``       image MM (from 00) of clip NNN
@@ -155,14 +155,14 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _drawable(text: str, font) -> str:  # type: ignore[no-untyped-def]
+def _drawable(text: str, font) -> str:
     """The bitmap fallback font only encodes latin-1; replace what it cannot draw."""
     if isinstance(font, ImageFont.FreeTypeFont):
         return text
     return text.encode("latin-1", "replace").decode("latin-1")
 
 
-def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:  # type: ignore[no-untyped-def]
+def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
     """Greedy wrap to ``width`` pixels; words longer than a line (or CJK runs) break anywhere."""
     lines: list[str] = []
     for para in text.split("\n"):
@@ -292,7 +292,7 @@ def vis_main(argv: list[str]) -> int:
         try:
             story = load_story(pb)
             write_story(story, out, video=args.video, seconds_per_image=args.seconds_per_image)
-        except Exception as exc:  # keep going over a directory; report at the end
+        except Exception as exc:  # noqa: BLE001 - keep going over a directory; report at the end
             failures += 1
             print(f"error: {pb}: {type(exc).__name__}: {exc}", file=sys.stderr)
         else:

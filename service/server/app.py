@@ -120,7 +120,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         try:
             yield
         finally:
-            runtime.begin_drain()
             await runtime.drain(settings.shutdown_grace_seconds)
             if not loading.done():
                 loading.cancel()

@@ -62,7 +62,7 @@ def error_response(exc: APIError) -> JSONResponse:
 
 def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
     """First pydantic error → (message, param, code)."""
-    first = errors[0] if errors else {"msg": "invalid request", "loc": (), "type": "invalid"}
+    first: Any = errors[0] if errors else {"msg": "invalid request", "loc": (), "type": "invalid"}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
     param = ".".join(loc) or None
     kind = first.get("type", "invalid")

@@ -1,7 +1,7 @@
 """The API's request and response models (they are also the OpenAPI schema).
 
 Requests forbid unknown fields: a typo such as ``guidence_scale`` is a 400 naming the field, not a
-silently ignored setting. Defaults are the task's (DESIGN §4) unless a field is given.
+silently ignored setting. Defaults are the task's (design.md §4) unless a field is given.
 """
 
 from __future__ import annotations
@@ -10,10 +10,18 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.limits import (
+    MAX_GUIDANCE_SCALE,
+    MAX_IMAGE_AREA,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_PROMPT_CHARS,
+    MAX_REFERENCE_IMAGES,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MIN_GUIDANCE_SCALE,
+    MIN_IMAGE_AREA,
+)
 from service.prompts import ASPECT_RATIOS, Task
-
-MAX_PROMPT_CHARS = 100_000
-MAX_SEED = 2**63 - 1
 
 
 def _not_blank(v: str) -> str:
@@ -35,7 +43,7 @@ class SamplingOverrides(_Strict):
 
     top_k: int | None = Field(None, ge=1, description="keep the k most likely tokens")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass")
-    temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy")
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description="0 = greedy")
 
 
 class GenerationParams(_Strict):
@@ -47,16 +55,20 @@ class GenerationParams(_Strict):
                           "'match_reference' (the last reference image's grid) or an aspect ratio")
     aspect_ratio: str | None = Field(
         None, description=f"one of {', '.join(ASPECT_RATIOS)}, 'default' or 'auto'; scaled to the image area")
-    guidance_scale: float | None = Field(None, ge=1, le=50, description="classifier-free guidance scale")
+    guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE,
+                                          description="classifier-free guidance scale")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     max_new_tokens: int | None = Field(None, ge=1, description="cap on generated tokens")
     text_sampling: SamplingOverrides | None = None
     image_sampling: SamplingOverrides | None = None
-    image_area: int | None = Field(None, ge=256, le=4096 * 4096,
+    image_area: int | None = Field(None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA,
                                    description="pixels of generated and reference images (aspect sizes scale)")
     stream: bool = Field(False, description="answer as server-sent events")
     preview_every_rows: int | None = Field(
         None, ge=1, description="when streaming, attach a decoded preview every N rows of an image")
+    include_record: bool = Field(
+        False, description="when streaming, put the whole record (base64) in the done event; by default it "
+                           "names the record (record_id, and record_url when records are stored)")
 
     @field_validator("aspect_ratio")
     @classmethod
@@ -79,7 +91,7 @@ class GenerationParams(_Strict):
 
 
 class ImageInputs(_Strict):
-    images: list[str] = Field(default_factory=list, max_length=3,
+    images: list[str] = Field(default_factory=list, max_length=MAX_REFERENCE_IMAGES,
                               description="reference images: base64 or data URLs (PNG, JPEG, WebP, BMP, GIF)")
 
 
@@ -88,10 +100,10 @@ class T2IRequest(GenerationParams):
 
 
 class X2IRequest(GenerationParams, ImageInputs):
-    """Any to image: edit or compose from 1–3 reference images."""
+    """Any to image: edit or compose from 1 to MAX_REFERENCE_IMAGES reference images."""
 
-    images: list[str] = Field(..., min_length=1, max_length=3,
-                              description="1–3 reference images: base64 or data URLs")
+    images: list[str] = Field(..., min_length=1, max_length=MAX_REFERENCE_IMAGES,
+                              description=f"1–{MAX_REFERENCE_IMAGES} reference images: base64 or data URLs")
 
 
 class InterleavedRequest(GenerationParams, ImageInputs):
@@ -165,7 +177,7 @@ class OpenAIImageParams(_Strict):
 
     prompt: Prompt
     model: str | None = None
-    n: int = Field(1, ge=1, le=4)
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     size: str | None = Field(None, description="'auto' or WIDTHxHEIGHT (multiples of 16)")
     quality: str | None = None
     response_format: Literal["b64_json", "url"] | None = None
@@ -177,9 +189,9 @@ class OpenAIImageParams(_Strict):
     user: str | None = None
     stream: bool | None = None
     partial_images: int | None = Field(None, ge=0, le=3)
-    guidance_scale: float | None = Field(None, ge=1, le=50)
+    guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    image_area: int | None = Field(None, ge=256, le=4096 * 4096)
+    image_area: int | None = Field(None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA)
     max_new_tokens: int | None = Field(None, ge=1)
     text_sampling: SamplingOverrides | None = None
     image_sampling: SamplingOverrides | None = None

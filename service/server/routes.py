@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from service.limits import MAX_REFERENCE_IMAGES
 from service.prompts import Task
 from service.server.deps import get_runtime, is_json, read_multipart, require_api_key, require_json
 from service.server.errors import APIError, validation_error
@@ -120,7 +121,7 @@ async def t2i(body: T2IRequest, request: Request) -> Response:
     return await _generation(request).create("t2i", Task.T2I, body, [], request)
 
 
-@api.post("/x2i", tags=["emu3.5"], summary="edit / compose from 1–3 reference images (JSON or multipart)",
+@api.post("/x2i", tags=["emu3.5"], summary=f"edit / compose from 1–{MAX_REFERENCE_IMAGES} reference images (JSON or multipart)",
           response_model=GenerationResponse, responses=_GENERATION_RESPONSES,
           openapi_extra={"requestBody": {"content": {
               "application/json": {"schema": X2IRequest.model_json_schema()},
@@ -139,7 +140,7 @@ async def x2i(request: Request) -> Response:
         images: list[str | bytes] = list(body.images)
     else:
         fields, images = await read_multipart(request, frozenset({"images", "images[]", "image", "image[]"}),
-                                              max_files=4, max_bytes=s.max_image_bytes)
+                                              max_files=MAX_REFERENCE_IMAGES + 1, max_bytes=s.max_image_bytes)
         body = _validate(X2IRequest, {**fields, "images": ["-"] * len(images)})
     return await _generation(request).create("x2i", Task.X2I, body, images, request)
 
@@ -176,12 +177,12 @@ async def images_generations(body: OpenAIImageParams, request: Request) -> Respo
           openapi_extra=_multipart_openapi(OpenAIImageEditParams, "image"))
 async def images_edits(request: Request) -> Response:
     s = request.app.state.runtime.settings
-    fields, images = await read_multipart(request, frozenset({"image", "image[]"}), max_files=4,
+    fields, images = await read_multipart(request, frozenset({"image", "image[]"}), max_files=MAX_REFERENCE_IMAGES + 1,
                                           max_bytes=s.max_image_bytes)
     if "mask" in fields:
         raise APIError(400, "masks are not supported: describe the edit in the prompt", "unsupported_value", "mask")
     body = _validate(OpenAIImageEditParams, fields)
-    if not 1 <= len(images) <= 3:
-        raise APIError(400, f"send 1 to 3 images (field 'image' or 'image[]'), got {len(images)}",
+    if not 1 <= len(images) <= MAX_REFERENCE_IMAGES:
+        raise APIError(400, f"send 1 to {MAX_REFERENCE_IMAGES} images (field 'image' or 'image[]'), got {len(images)}",
                        "invalid_image_count", "image")
     return await _openai(request).create("images_edits", Task.X2I, body, images, request)

@@ -11,8 +11,8 @@ import json
 import logging
 import signal
 import sys
-import time
 from types import FrameType
+from typing import Callable
 
 import uvicorn
 from pydantic import ValidationError
@@ -24,45 +24,32 @@ logger = logging.getLogger("service.server")
 
 
 class DrainingServer(uvicorn.Server):
+    """uvicorn that drains on the first signal: the runtime decides when the drain is complete."""
+
     def __init__(self, config: uvicorn.Config, runtime: Runtime, grace: float) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.grace = grace
-        self._drain_since: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_since is None:
-            logger.info("signal %s: draining (no new work; %d in flight; grace %.0f s)",
-                        signal.Signals(sig).name, len(self.runtime.inflight), self.grace)
-            self._drain_since = time.monotonic()
-            self.runtime.begin_drain()
+        if self.runtime.drain_deadline is None:
+            logger.info("signal %s: draining", signal.Signals(sig).name)
+            self.runtime.begin_drain(self.grace)
         else:  # a second signal: stop now
             self.should_exit = True
             self.force_exit = sig == signal.SIGINT
 
     async def on_tick(self, counter: int) -> bool:
-        if self._drain_since is not None and not self.should_exit:
-            if not self.runtime.inflight or time.monotonic() - self._drain_since >= self.grace:
-                self.should_exit = True  # the lifespan shutdown aborts what is left
+        if not self.should_exit and self.runtime.drain_complete:
+            self.should_exit = True  # the lifespan shutdown aborts what is left
         return await super().on_tick(counter)
 
 
-def prepare_settings(settings: Settings) -> Settings:
-    if settings.demo:
-        from service.tiny.make import ensure_tiny
-
-        started = time.monotonic()
-        tiny = ensure_tiny()
-        logger.info("demo: tiny checkpoints in %s (%.1f s)", tiny, time.monotonic() - started)
-        settings = settings.with_demo_defaults(tiny)
-    return settings
-
-
 def serve(settings: Settings) -> int:
+    """Run the service with ``settings`` (the demo's tiny checkpoints already filled in by the CLI)."""
     from service.server.app import create_app, describe
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = prepare_settings(settings)
     logger.info("settings: %s", json.dumps(describe(settings)))
     runtime = Runtime(settings)
     app = create_app(settings, runtime)
@@ -72,7 +59,8 @@ def serve(settings: Settings) -> int:
     return 0 if runtime.error is None else 1
 
 
-def serve_main(argv: list[str]) -> int:
+def serve_main(argv: list[str], prepare: Callable[[Settings], Settings] | None = None) -> int:
+    """``emu35-serve ARGS``; ``prepare`` may complete the settings first (the CLI's ``--demo``)."""
     try:
         settings = load_settings(argv)
     except ValidationError as exc:
@@ -80,4 +68,6 @@ def serve_main(argv: list[str]) -> int:
             where = ".".join(str(p) for p in err["loc"]) or "settings"
             print(f"emu35-serve: {where}: {err['msg']}", file=sys.stderr)
         return 2
+    if prepare is not None:
+        settings = prepare(settings)
     return serve(settings)

@@ -10,43 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-from service.engine.protocol import AsyncEngine
 from service.server.limiter import AdmissionLimiter
 from service.server.metrics import Metrics
 from service.server.records import RecordStore
 from service.server.settings import Settings
-from service.streaming import GenerationRunner
-from service.tokenizer import Emu35Tokenizer
-from service.vq.worker import VqWorker
+from service.task import AsyncEngine, GenerationRunner, build_engine, load_tokenizer, start_vq_worker
+
+if TYPE_CHECKING:  # built by the task layer; only their types are named here
+    from service.task import Emu35Tokenizer
+    from service.task.resources import VqWorker
 
 logger = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "failed", "draining", "stopped"]
-
-
-def build_engine(settings: Settings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
-    """The engine the settings ask for (not started)."""
-    if settings.engine_kind == "vllm":
-        from service.engine.config import VllmEngineConfig
-        from service.engine.vllm_engine import VllmEngine
-
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # only read by the CPU build (GiB)
-        cfg = VllmEngineConfig(
-            model=str(settings.model), tokenizer=str(settings.tokenizer_dir),
-            tensor_parallel_size=settings.tensor_parallel_size, dtype=settings.dtype,
-            max_model_len=settings.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_pairs=settings.max_concurrent, quantization=settings.quantization,
-            graph_mode="eager" if settings.enforce_eager else "auto")
-        return VllmEngine(cfg)
-    from service.engine.async_reference import AsyncReferenceEngine
-
-    return AsyncReferenceEngine(settings.model, tokenizer, settings.resolved_device, settings.dtype,
-                                settings.max_model_len)
 
 
 @dataclass
@@ -64,6 +44,7 @@ class Runtime:
     inflight: dict[str, asyncio.Task] = field(default_factory=dict)  # request id → the task serving it
     #: how the engine is made (benchmarks substitute one that replays fixed ids)
     engine_factory: Callable[[Settings, Emu35Tokenizer], AsyncEngine] = build_engine
+    drain_deadline: float | None = None  # monotonic time at which a drain aborts what is left
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -86,8 +67,8 @@ class Runtime:
         """Load tokenizer, VQ worker and engine; on failure record why (``/ready`` reports it)."""
         s = self.settings
         try:
-            self.tokenizer = await asyncio.to_thread(Emu35Tokenizer.from_dir, s.tokenizer_dir)
-            self.vq = VqWorker(lambda: _load_vq(s), observer=self.metrics.observe_vq)
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, s)
+            self.vq = start_vq_worker(s, observer=self.metrics.observe_vq)
             await asyncio.to_thread(self.vq.start)
             self.engine = self.engine_factory(s, self.tokenizer)
             # vLLM's AsyncLLM starts its output handler lazily on the loop that first uses it, so it
@@ -109,15 +90,26 @@ class Runtime:
             return False
         return await self.engine.health()
 
-    def begin_drain(self) -> None:
-        """Stop admitting work; in-flight generations go on (see :meth:`drain`)."""
+    # ---- draining: the one place that decides when in-flight work is given up --------------------
+    def begin_drain(self, grace: float) -> None:
+        """Stop admitting work; in-flight generations get ``grace`` seconds from the first call."""
         if self.state in ("loading", "ready"):
             self.state = "draining"
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + grace
+            logger.info("draining: %d generation(s) in flight, grace %.0f s", len(self.inflight), grace)
+
+    @property
+    def drain_complete(self) -> bool:
+        """A drain has begun and nothing is in flight any more, or its grace has run out."""
+        if self.drain_deadline is None:
+            return False
+        return not self.inflight or time.monotonic() >= self.drain_deadline
 
     async def drain(self, grace: float) -> None:
-        """Wait up to ``grace`` seconds for in-flight generations, then abort what is left."""
-        deadline = time.monotonic() + grace
-        while self.inflight and time.monotonic() < deadline:
+        """Drain (see :meth:`begin_drain`): wait until it is complete, then abort what is left."""
+        self.begin_drain(grace)
+        while not self.drain_complete:
             await asyncio.sleep(0.05)
         for rid, task in list(self.inflight.items()):
             logger.warning("shutdown: aborting generation %s after the %.0f s grace period", rid, grace)
@@ -133,9 +125,3 @@ class Runtime:
         if self.vq is not None:
             self.vq.stop()
 
-
-def _load_vq(s: Settings):
-    from service.vq import VisionTokenizer
-
-    dtype = "float32" if s.resolved_vq_device == "cpu" or s.dtype == "auto" else s.dtype
-    return VisionTokenizer.from_pretrained(s.vq_model, device=s.resolved_vq_device, dtype=dtype)

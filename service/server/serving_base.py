@@ -1,27 +1,36 @@
-"""What every serving class shares: admission, turning API fields into generation options, decoding
-uploads, running a generation to its outcome (aborting it when the client leaves), and metrics."""
+"""The one request template every serving class follows, after SGLang's ``handle_request``.
+
+:meth:`ServingBase.create` owns the whole sequence: accept → the subclass's inputs → admit (one slot per
+generation) → prepare → run, watching the connection → the subclass's rendering → release of every
+slot, whatever happens. Subclasses supply :meth:`job` (validate fields, decode uploads, name the
+generations) and :meth:`render` (the JSON answer); a streamed job is rendered by :meth:`stream`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import time
 import uuid
-from typing import Any, Awaitable, TypeVar
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
+from fastapi.responses import Response
 
-from service.engine.request import SamplingSettings
-from service.generation import GenerationOptions
-from service.prompts import Task, defaults_for
+from service.prompts import Task
 from service.server.errors import APIError, bad_request
 from service.server.image_io import image_bytes_from_text, open_image
 from service.server.limiter import Overloaded, Slot
 from service.server.protocol import SamplingOverrides
 from service.server.runtime import Runtime
-from service.streaming import Finished, GenerationInput, GenerationInputError, Outcome, Prepared
+from service.task import Finished, GenerationInput, GenerationRunner, Outcome, PlanError, Prepared, SamplingOverride
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class ClientDisconnected(Exception):
@@ -32,17 +41,28 @@ def new_request_id(prefix: str = "gen") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def merge_sampling(default: SamplingSettings, over: SamplingOverrides | None, param: str) -> SamplingSettings | None:
-    if over is None or over.model_dump(exclude_none=True) == {}:
+def now() -> int:
+    return int(time.time())
+
+
+def sampling_override(over: SamplingOverrides | None) -> SamplingOverride | None:
+    """The API's sampling fields as the task layer's override (None: all defaults)."""
+    if over is None:
         return None
-    try:
-        return SamplingSettings(
-            top_k=over.top_k if over.top_k is not None else default.top_k,
-            top_p=over.top_p if over.top_p is not None else default.top_p,
-            temperature=over.temperature if over.temperature is not None else default.temperature,
-        )
-    except ValueError as exc:
-        raise bad_request(str(exc), "invalid_value", param) from None
+    o = SamplingOverride(over.top_k, over.top_p, over.temperature)
+    return None if o.empty else o
+
+
+@dataclass(frozen=True)
+class Job:
+    """One HTTP request as the template runs it: its generations, and how to answer."""
+
+    endpoint: str
+    inputs: list[GenerationInput]
+    id_prefix: str = "gen"
+    stream: bool = False
+    preview_every_rows: int | None = None
+    options: Any = None  # the subclass's own rendering options (its parsed request)
 
 
 async def run_cancellable(request: Request, work: Awaitable[T], runtime: Runtime, request_id: str) -> T:
@@ -82,7 +102,50 @@ class ServingBase:
     def variant(self):
         return self.rt.settings.model_variant
 
-    # ---- admission --------------------------------------------------------------------------------
+    # ---- the template ------------------------------------------------------------------------------
+    async def create(self, endpoint: str, task: Task, params: Any, images: list[str | bytes],
+                     request: Request) -> Response:
+        """Serve one request from start to finish (see the module docstring)."""
+        self.ensure_accepting()
+        job = await self.job(endpoint, task, params, images, request)
+        if job.stream:
+            (gen,) = job.inputs
+            slot, prepared = await self._admit_and_prepare(gen, job.id_prefix)
+            return self.stream(job, prepared, self._events(job, prepared, slot))
+        try:
+            async with asyncio.TaskGroup() as group:
+                runs = [group.create_task(self._run(request, job, gen)) for gen in job.inputs]
+        except BaseExceptionGroup as eg:  # one failed: the others were cancelled; answer with the first
+            first = eg.exceptions[0]
+            if isinstance(first, ClientDisconnected):
+                return Response(status_code=499)
+            raise first from None
+        return await self.render(job, [run.result() for run in runs])
+
+    async def job(self, endpoint: str, task: Task, params: Any, images: list[str | bytes],
+                  request: Request) -> Job:
+        """Check the request and decode its inputs (subclasses)."""
+        raise NotImplementedError
+
+    async def render(self, job: Job, outcomes: list[Outcome]) -> Response:
+        """The JSON answer of finished generations (subclasses)."""
+        raise NotImplementedError
+
+    def stream(self, job: Job, prepared: Prepared, events: AsyncIterator[Any]) -> Response:
+        """The streamed answer (subclasses that stream)."""
+        raise APIError(400, "this endpoint does not stream", "unsupported_value", "stream")
+
+    async def render_event(self, job: Job, ev: Any) -> dict[str, str]:
+        """One run event as an SSE message (subclasses that stream)."""
+        raise NotImplementedError
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def _runner(self) -> GenerationRunner:
+        runner = self.rt.runner
+        if runner is None:  # ensure_accepting() let the request in, so the runtime is ready
+            raise APIError(503, "the model is still loading", "model_loading", headers={"Retry-After": "10"})
+        return runner
+
     def ensure_accepting(self) -> None:
         state = self.rt.state
         if state == "loading":
@@ -91,28 +154,6 @@ class ServingBase:
             raise APIError(503, "the service is shutting down", "shutting_down")
         if state == "failed":
             raise APIError(503, f"the service failed to start: {self.rt.error}", "engine_failed")
-
-    async def admit(self) -> Slot:
-        self.ensure_accepting()
-        try:
-            return await self.rt.limiter.acquire()
-        except Overloaded as exc:
-            raise APIError(429, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)}) from None
-
-    @staticmethod
-    def release(slot: Slot) -> None:
-        slot.release()
-
-    # ---- inputs -----------------------------------------------------------------------------------
-    def options(self, task: Task, *, size: str | None, guidance_scale: float | None, seed: int | None,
-                max_new_tokens: int | None, image_area: int | None, text: SamplingOverrides | None,
-                image: SamplingOverrides | None) -> GenerationOptions:
-        d = defaults_for(task, self.variant)
-        return GenerationOptions(
-            size=size, cfg_scale=guidance_scale, max_new_tokens=max_new_tokens,
-            text=merge_sampling(d.text, text, "text_sampling"),
-            image=merge_sampling(d.image, image, "image_sampling"),
-            seed=seed, image_area=image_area, variant=self.variant)
 
     async def decode_images(self, images: list[str | bytes], param: str) -> list[Any]:
         """Uploaded images (base64 text or raw bytes) → RGB PIL images, decoded off the event loop."""
@@ -125,25 +166,65 @@ class ServingBase:
 
         return await asyncio.to_thread(lambda: [one(i, x) for i, x in enumerate(images)])
 
-    async def prepare(self, gen: GenerationInput, request_id: str) -> Prepared:
+    async def _admit_and_prepare(self, gen: GenerationInput, id_prefix: str) -> tuple[Slot, Prepared]:
+        rid = new_request_id(id_prefix)
         try:
-            return await self.rt.runner.prepare(gen, request_id)
-        except GenerationInputError as exc:
-            raise bad_request(str(exc), "invalid_generation") from None
+            slot = await self.rt.limiter.acquire()
+        except Overloaded as exc:
+            raise APIError(429, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)}) from None
+        try:
+            return slot, await self._runner().prepare(gen, rid)
+        except PlanError as exc:
+            slot.release()
+            raise bad_request(str(exc), "invalid_generation", exc.param) from None
+        except BaseException:
+            slot.release()
+            raise
 
-    # ---- running ----------------------------------------------------------------------------------
-    async def outcome(self, endpoint: str, prepared: Prepared) -> Outcome:
+    async def _run(self, request: Request, job: Job, gen: GenerationInput) -> Outcome:
+        slot, prepared = await self._admit_and_prepare(gen, job.id_prefix)
+        try:
+            return await run_cancellable(request, self._outcome(job.endpoint, prepared), self.rt,
+                                         prepared.request.request_id)
+        finally:
+            slot.release()
+
+    async def _outcome(self, endpoint: str, prepared: Prepared) -> Outcome:
         """Run to the end (no events forwarded) and record the metrics."""
         result: Outcome | None = None
-        async with contextlib.aclosing(self.rt.runner.run(prepared)) as events:
+        async with contextlib.aclosing(self._runner().run(prepared)) as events:
             async for ev in events:
                 if isinstance(ev, Finished):
                     result = ev.outcome
         assert result is not None
-        await self.finish(endpoint, result)
+        await self._finish(endpoint, result)
         return result
 
-    async def finish(self, endpoint: str, out: Outcome) -> None:
+    async def _events(self, job: Job, prepared: Prepared, slot: Slot) -> AsyncIterator[dict[str, str]]:
+        """A streamed run as SSE messages; the slot is released when the stream ends, however it ends."""
+        rid = prepared.request.request_id
+        task = asyncio.current_task()
+        if task is not None:
+            self.rt.inflight[rid] = task
+        try:
+            async with contextlib.aclosing(self._runner().run(prepared, job.preview_every_rows)) as events:
+                async for ev in events:
+                    if isinstance(ev, Finished):
+                        await self._finish(job.endpoint, ev.outcome)
+                    yield await self.render_event(job, ev)
+        except asyncio.CancelledError:
+            if self.rt.state not in ("draining", "stopped"):
+                self.rt.metrics.disconnects.inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+            logger.exception("generation %s failed mid-stream", rid)
+            code = exc.code if isinstance(exc, APIError) else "generation_failed"
+            yield {"event": "error", "data": json.dumps({"message": f"{type(exc).__name__}: {exc}", "code": code})}
+        finally:
+            self.rt.inflight.pop(rid, None)
+            slot.release()
+
+    async def _finish(self, endpoint: str, out: Outcome) -> None:
         """Metrics and the record file of a finished generation."""
         m = self.rt.metrics
         m.latency.labels(endpoint).observe(out.seconds)
@@ -157,7 +238,3 @@ class ServingBase:
         m.images.inc(len(out.images))
         if self.rt.records is not None and out.finish_reason != "abort":
             await asyncio.to_thread(self.rt.records.save, out.request_id, out.record)
-
-
-def now() -> int:
-    return int(time.time())

@@ -42,7 +42,7 @@ def vllm_available() -> bool:
 
 
 class Settings(BaseSettings):
-    """Everything the service can be told. Paths are folders in the release's formats (DESIGN §6)."""
+    """Everything the service can be told. Paths are folders in the release's formats (design.md §6)."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     tokenizer: Path | None = Field(
         None, description="tokenizer folder (emu3.tiktoken + emu3_vision_tokens.txt); default: --model")
     model_variant: ModelVariant = Field(
-        ModelVariant.EMU35, description="which release the weights are: its per-task defaults (DESIGN §4)")
+        ModelVariant.EMU35, description="which release the weights are: its per-task defaults (design.md §4)")
     served_model_name: str = Field("emu3.5", min_length=1, description="model id in /v1/models and OpenAI APIs")
 
     # ---- engine -----------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(4, ge=1, description="generations running at once (engine pairs)")
     max_queue: int = Field(16, ge=0, description="further requests that may wait for a slot; then 429")
     image_area: int | None = Field(
-        None, ge=256, description="image area in px for every task (default: the task's, DESIGN §4)")
+        None, ge=256, description="image area in px for every task (default: the task's, design.md §4)")
     max_image_bytes: int = Field(20 * 2**20, ge=1024, description="largest accepted upload per image")
     max_image_pixels: int = Field(40_000_000, ge=64, description="largest accepted image (width × height)")
 

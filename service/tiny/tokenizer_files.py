@@ -15,7 +15,7 @@ import base64
 import itertools
 from pathlib import Path
 
-from service.tokenizer import TIKTOKEN_FILE, VISION_FILE, VISION_CONTROL, VISUAL_TOKEN_FORMAT
+from service.tokenizer import TIKTOKEN_FILE, VISION_CONTROL, VISION_FILE, VISUAL_TOKEN_FORMAT
 
 NUM_BPE_RANKS = 151_643
 NUM_VISUAL_TOKENS = 131_072

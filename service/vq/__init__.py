@@ -1,4 +1,4 @@
-"""IBQ vision tokenizer (Emu3.5-VisionTokenizer): images ⇄ grids of visual codes (DESIGN §6).
+"""IBQ vision tokenizer (Emu3.5-VisionTokenizer): images ⇄ grids of visual codes (design.md §6).
 
 Importing this package is light: the torch-free resize rule is imported eagerly, everything that
 needs torch is imported on first attribute access (PEP 562), so ``from service.vq.resize import

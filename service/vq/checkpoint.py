@@ -1,4 +1,4 @@
-"""Read and write IBQ checkpoint folders: ``config.yaml`` + ``model.ckpt`` (DESIGN §6).
+"""Read and write IBQ checkpoint folders: ``config.yaml`` + ``model.ckpt`` (design.md §6).
 
 ``config.yaml``'s top-level keys are the tokenizer's constructor arguments: ``ddconfig`` (encoder /
 decoder shape), ``n_embed``, ``embed_dim``, the honoured ``l2_normalize``, and keys that only matter

@@ -1,6 +1,6 @@
-"""IBQ vision tokenizer: images ⇄ grids of visual codes (DESIGN §6), with bounded-memory quantisation.
+"""IBQ vision tokenizer: images ⇄ grids of visual codes (design.md §6), with bounded-memory quantisation.
 
-Encode: resize each reference image by the DESIGN §4 rule (:mod:`service.vq.resize`), map pixels to
+Encode: resize each reference image by the design.md §4 rule (:mod:`service.vq.resize`), map pixels to
 [-1, 1], run the encoder and ``quant_conv``, then pick for every latent position the code whose
 embedding has the largest dot product with it (:func:`nearest_codes`). Decode: look the codes up in
 the codebook, ``post_quant_conv``, decoder, then ``((x + 1) * 127.5)`` clamped to [0, 255] and
@@ -203,7 +203,7 @@ class VisionTokenizer:
     def encode(self, images: Sequence[Image.Image], area: int | None) -> list[np.ndarray]:
         """Reference images → int64 code grids ``(rows, cols)``, in input order.
 
-        Each image is resized by the DESIGN §4 rule for ``area`` (``None``: keep its size, rounded to
+        Each image is resized by the design.md §4 rule for ``area`` (``None``: keep its size, rounded to
         multiples of 16); images that end up the same size are encoded together.
         """
         pixels = [self.preprocess(im, area) for im in images]
@@ -212,7 +212,7 @@ class VisionTokenizer:
             codes = self.encode_tensor(torch.stack([pixels[i] for i in idx])).cpu().numpy()
             for row, i in enumerate(idx):
                 out[i] = codes[row].astype(np.int64, copy=True)
-        return out  # type: ignore[return-value]
+        return out
 
     # ---- decode ------------------------------------------------------------------------------
     def _check_grid(self, grid: object, i: int) -> np.ndarray:
@@ -254,4 +254,4 @@ class VisionTokenizer:
             arrays = self.to_uint8(self.decode_tensor(batch))
             for row, i in enumerate(idx):
                 out[i] = Image.fromarray(arrays[row])  # uint8 (H, W, 3) -> RGB
-        return out  # type: ignore[return-value]
+        return out

@@ -1,4 +1,4 @@
-"""The IBQ network: a classic VQGAN convolutional encoder/decoder plus a codebook (DESIGN §6).
+"""The IBQ network: a classic VQGAN convolutional encoder/decoder plus a codebook (design.md §6).
 
 Written for this project. The module tree (and therefore every ``state_dict`` name) follows the
 taming-transformers VQGAN layout that the Emu3.5-VisionTokenizer checkpoint uses:

@@ -1,4 +1,4 @@
-"""The reference-image resize rule (DESIGN §4), as pure integer/float arithmetic.
+"""The reference-image resize rule (design.md §4), as pure integer/float arithmetic.
 
 This module deliberately imports nothing heavy (no torch, no numpy, no PIL) so that light layers,
 such as the prompt builder that must know a reference image's grid before any VQ runs, can import it.

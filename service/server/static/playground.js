@@ -168,6 +168,7 @@ function buildRequest(form, images) {
   const stream = form.dataset.mode === "interleaved" || form.elements.stream.checked;
   if (stream) {
     body.stream = true;
+    body.include_record = true; // the page offers the record for download; the done event then carries it
     if (form.elements.previews.checked) setNumber(body, "preview_every_rows", form.elements.preview_every_rows);
   }
   return { path, body, stream };

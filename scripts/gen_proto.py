@@ -2,8 +2,8 @@
 
 Usage (from anywhere; paths are resolved against the repository root)::
 
-    python -m service.record.gen            # rewrite service/record/story_pb2.py
-    python -m service.record.gen --check    # exit 1 if the committed module drifted
+    python scripts/gen_proto.py            # rewrite service/record/story_pb2.py
+    python scripts/gen_proto.py --check    # exit 1 if the committed module drifted
 
 Needs ``grpcio-tools`` (a test/dev dependency, not a runtime one).
 
@@ -34,14 +34,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = REPO_ROOT / "proto"
 PROTO_REL = "emu3p5/story.proto"
 MODULE_PATH = REPO_ROOT / "service" / "record" / "story_pb2.py"
 MODULE_NAME = "service.record.story_pb2"
 
 _HEADER_NOTE = (
-    "# Post-processed by `python -m service.record.gen` (module name set to\n"
+    "# Post-processed by `python scripts/gen_proto.py` (module name set to\n"
     f"# {MODULE_NAME}; runtime-version guard removed so protobuf>=5.26 can load it).\n"
 )
 
@@ -100,7 +100,7 @@ def generate_source() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.record.gen", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python scripts/gen_proto.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=MODULE_PATH, help="where to write the module")
     parser.add_argument(
         "--check",
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         committed = descriptor_pb2.FileDescriptorProto()
         story_pb2.DESCRIPTOR.CopyToProto(committed)
         if normalise(fresh) != normalise(committed):
-            print(f"{MODULE_PATH} is out of date; run: python -m service.record.gen", file=sys.stderr)
+            print(f"{MODULE_PATH} is out of date; run: python scripts/gen_proto.py", file=sys.stderr)
             return 1
         print("story_pb2 is up to date")
         return 0
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def normalise(fdp):  # type: ignore[no-untyped-def]
+def normalise(fdp):
     """Copy of a FileDescriptorProto without what protoc adds but gencode drops (json_name)."""
     from google.protobuf import descriptor_pb2
 
@@ -134,7 +134,7 @@ def normalise(fdp):  # type: ignore[no-untyped-def]
     out.CopyFrom(fdp)
     out.ClearField("source_code_info")
 
-    def strip(messages):  # type: ignore[no-untyped-def]
+    def strip(messages):
         for m in messages:
             for f in m.field:
                 f.ClearField("json_name")

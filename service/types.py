@@ -1,4 +1,9 @@
-"""What the engine is asked to do: one guided generation (a cond/uncond pair) with Emu3.5's rules."""
+"""The types every layer shares: HTTP, the task layer and the engines all import them from here.
+
+What the engine is asked to do (one guided generation, a cond/uncond pair, with Emu3.5's rules), what
+it answers (token deltas) and what it reports (stats). Nothing here imports another part of the
+service, so no layer has to reach into another to name a request.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,27 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class SamplingOverride:
+    """A client's partial sampling settings: None keeps the task's default for that field."""
+
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.top_k is None and self.top_p is None and self.temperature is None
+
+    def over(self, default: SamplingSettings) -> SamplingSettings:
+        """These overrides on top of ``default`` (raises ``ValueError`` for an invalid combination)."""
+        return SamplingSettings(
+            top_k=default.top_k if self.top_k is None else self.top_k,
+            top_p=default.top_p if self.top_p is None else self.top_p,
+            temperature=default.temperature if self.temperature is None else self.temperature,
+        )
 
 
 @dataclass(frozen=True)
@@ -63,3 +89,18 @@ class TokenDelta:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine is doing now. Pairs count generations (a guided one is two vLLM sequences)."""
+
+    running_pairs: int
+    waiting_pairs: int
+    running_sequences: int  # the engine's own count, from its last scheduler step
+    waiting_sequences: int
+    kv_usage: float  # fraction of the KV cache in use at the last step
+    steps: int  # scheduler steps seen
+    preempted_sequences: int  # sequences preempted since start (the pair scheduler keeps this 0)
+    peak_running_sequences: int  # most sequences run in one step since start
+    unfinished_sequences: int = 0  # sequences the engine still tracks now (live, not from the last step)

@@ -1,0 +1,24 @@
+"""Every request limit of the service, one constant each.
+
+The API models, the multipart reader, the task planner and the prompt builder all check against these,
+so a limit changes in one place and every message names the same number.
+"""
+
+from __future__ import annotations
+
+#: Reference images one generation may take (the release's prompts are built for up to three).
+MAX_REFERENCE_IMAGES = 3
+#: Characters of one user prompt.
+MAX_PROMPT_CHARS = 100_000
+#: Largest seed (seeds travel through vLLM as signed 64-bit integers).
+MAX_SEED = 2**63 - 1
+#: Pixels of a generated (and resized reference) image.
+MIN_IMAGE_AREA = 256
+MAX_IMAGE_AREA = 4096 * 4096
+#: Classifier-free guidance scale.
+MIN_GUIDANCE_SCALE = 1.0
+MAX_GUIDANCE_SCALE = 50.0
+#: Sampling temperature.
+MAX_TEMPERATURE = 100.0
+#: Images one OpenAI-style request may ask for (each is a generation of its own).
+MAX_IMAGES_PER_REQUEST = 4

@@ -1,0 +1,56 @@
+"""The task layer: plan a generation, run it on the engine and the VQ worker, describe the result.
+
+The HTTP layer imports this package (and the runtime) only; everything it needs about a generation is
+named here. ``planner`` resolves the task defaults once and checks every limit; ``runner`` drives a
+generation and yields ``events``; ``resources`` builds the engine and the VQ worker.
+"""
+
+from service.engine.protocol import AsyncEngine, EngineError
+from service.task.events import (
+    AnswerPart,
+    Finished,
+    ImageProgress,
+    ImageReady,
+    ImageStart,
+    Outcome,
+    RunEvent,
+    TextOut,
+    Usage,
+)
+from service.task.planner import GenerationOptions, Plan, PlanError, build_request, plan_request, resolve
+from service.task.resources import build_engine, load_tokenizer, start_vq_worker
+from service.task.runner import AnswerBuilder, GenerationInput, GenerationRunner, ImageCodecAsync, Prepared
+from service.tokenizer import Emu35Tokenizer
+from service.types import EngineStats, SamplingOverride, SamplingSettings
+
+__all__ = [
+    "AnswerBuilder",
+    "AnswerPart",
+    "AsyncEngine",
+    "Emu35Tokenizer",
+    "EngineError",
+    "EngineStats",
+    "Finished",
+    "GenerationInput",
+    "GenerationOptions",
+    "GenerationRunner",
+    "ImageCodecAsync",
+    "ImageProgress",
+    "ImageReady",
+    "ImageStart",
+    "Outcome",
+    "Plan",
+    "PlanError",
+    "Prepared",
+    "RunEvent",
+    "SamplingOverride",
+    "SamplingSettings",
+    "TextOut",
+    "Usage",
+    "build_engine",
+    "build_request",
+    "load_tokenizer",
+    "plan_request",
+    "resolve",
+    "start_vq_worker",
+]

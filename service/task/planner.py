@@ -1,0 +1,162 @@
+"""From what a client asked to what the engine runs: task defaults resolved once, limits checked once.
+
+:func:`resolve` is the only place that reads the task defaults table: it turns a task, the model
+variant and the client's overrides into a :class:`Plan` with every setting filled in. :func:`plan_request`
+then builds the prompts and the engine request from a plan and the encoded reference images. Nothing
+here runs a model; the runner encodes images and calls the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from service.limits import MAX_REFERENCE_IMAGES
+from service.prompts import ModelVariant, Task, build_prompts, defaults_for, parse_size_spec, resolve_target_grid
+from service.tokenizer import Emu35Tokenizer
+from service.types import GenerationRequest, SamplingOverride, SamplingSettings
+
+
+class PlanError(ValueError):
+    """The request cannot be run as asked (a client error); the message says why and ``param`` which
+    field it is about, when one is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """A client's overrides; None (or an empty override) takes the (task, model variant) default."""
+
+    size: str | None = None
+    cfg_scale: float | None = None
+    max_new_tokens: int | None = None
+    text: SamplingOverride | SamplingSettings | None = None
+    image: SamplingOverride | SamplingSettings | None = None
+    seed: int | None = None
+    image_area: int | None = None  # pixels; reference images are resized to it, sizes scale with it
+    variant: ModelVariant = ModelVariant.EMU35
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every setting of one generation, defaults filled in (what :func:`resolve` returns)."""
+
+    task: Task
+    image_area: int
+    size: str | None  # a size specification (see prompts.parse_size_spec); None: the default for the inputs
+    default_size: str
+    default_size_with_images: str
+    cfg_scale: float
+    text: SamplingSettings
+    image: SamplingSettings
+    max_new_tokens: int
+    max_new_tokens_given: bool
+    stop: str  # "eoi" | "eos"
+    seed: int | None
+    metadata: dict = field(default_factory=dict, compare=False)
+
+
+def _sampling(over: SamplingOverride | SamplingSettings | None, default: SamplingSettings,
+              param: str) -> SamplingSettings:
+    if over is None:
+        return default
+    if isinstance(over, SamplingSettings):
+        return over
+    try:
+        return over.over(default)
+    except ValueError as exc:
+        raise PlanError(str(exc), param) from None
+
+
+def resolve(task: Task | str, options: GenerationOptions, service_image_area: int | None = None) -> Plan:
+    """Fill in every default of ``task`` on ``options.variant``: the one function that reads them.
+
+    ``service_image_area`` is a service-wide override of every task's default image area (the demo's
+    small images); a request's own ``image_area`` still wins."""
+    task = Task(task)
+    d = defaults_for(task, options.variant)
+    area = options.image_area or service_image_area or d.image_area
+    return Plan(
+        task=task,
+        image_area=area,
+        size=options.size,
+        default_size=d.default_size,
+        default_size_with_images=d.default_size_with_images,
+        cfg_scale=d.cfg_scale if options.cfg_scale is None else options.cfg_scale,
+        text=_sampling(options.text, d.text, "text_sampling"),
+        image=_sampling(options.image, d.image, "image_sampling"),
+        max_new_tokens=options.max_new_tokens or d.max_new_tokens,
+        max_new_tokens_given=options.max_new_tokens is not None,
+        stop=d.stop,
+        seed=options.seed,
+    )
+
+
+def check_reference_count(count: int) -> None:
+    """The one check of the reference-image limit (:data:`MAX_REFERENCE_IMAGES`)."""
+    if count > MAX_REFERENCE_IMAGES:
+        raise PlanError(f"at most {MAX_REFERENCE_IMAGES} reference images are supported, got {count}", "images")
+
+
+def image_token_count(height: int, width: int) -> int:
+    """Tokens one generated image takes: BOI, the header digits, '*', IMG, then H·(W+1) (design.md §3)."""
+    return 3 + len(str(height)) + len(str(width)) + height * (width + 1)
+
+
+def plan_request(tok: Emu35Tokenizer, task: Task | str, question: str, reference_grids: Sequence[np.ndarray],
+                 options: GenerationOptions, request_id: str, max_model_len: int | None = None,
+                 service_image_area: int | None = None) -> GenerationRequest:
+    """:func:`resolve` then :func:`build_request`, for callers that have the reference grids already."""
+    return build_request(tok, resolve(task, options, service_image_area), question, reference_grids, request_id,
+                         max_model_len)
+
+
+def build_request(tok: Emu35Tokenizer, plan: Plan, question: str, reference_grids: Sequence[np.ndarray],
+                  request_id: str, max_model_len: int | None = None) -> GenerationRequest:
+    """The engine request of ``plan``: prompts, the image size and the token budget.
+
+    With ``max_model_len`` a default ``max_new_tokens`` is cut to what the context leaves after the
+    prompt (the release's 32,768 for interleaved tasks would otherwise never fit); an explicit one is
+    left for the engine to accept or refuse. Raises :class:`PlanError`."""
+    check_reference_count(len(reference_grids))
+    try:
+        prompts = build_prompts(tok, plan.task, question, reference_grids)
+        if plan.size:
+            spec = parse_size_spec(plan.size, plan.image_area)
+        else:
+            spec = parse_size_spec(plan.default_size_with_images if reference_grids else plan.default_size,
+                                   plan.image_area)
+        target = resolve_target_grid(spec, [g.shape for g in reference_grids])
+    except (ValueError, TypeError) as exc:
+        raise PlanError(str(exc)) from exc
+    max_new = plan.max_new_tokens
+    if max_model_len is not None and not plan.max_new_tokens_given:
+        room = max_model_len - max(len(prompts.cond), len(prompts.uncond))
+        if room < 1:
+            raise PlanError(f"the prompt ({len(prompts.cond)} tokens) leaves no room in the model's context "
+                            f"of {max_model_len} tokens")
+        max_new = min(max_new, room)
+    if plan.task in (Task.T2I, Task.X2I) and target is not None:
+        need = image_token_count(*target)
+        if max_new < need:
+            raise PlanError(f"max_new_tokens {max_new} cannot hold a {target[0]}×{target[1]}-token image "
+                            f"({need} tokens)", "max_new_tokens")
+    stop = (tok.ids.eoi,) if plan.stop == "eoi" else (tok.ids.eos,)
+    return GenerationRequest(
+        request_id=request_id,
+        cond_prompt=prompts.cond,
+        uncond_prompt=prompts.uncond,
+        cfg_scale=plan.cfg_scale,
+        text_sampling=plan.text,
+        image_sampling=plan.image,
+        max_new_tokens=max_new,
+        stop_token_ids=stop,
+        target_grid=target,
+        seed=plan.seed,
+    )
+

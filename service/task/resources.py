@@ -1,0 +1,82 @@
+"""The engine and the VQ codec a service process holds, built from its settings.
+
+The HTTP layer's runtime calls these, so it never imports an engine implementation or the VQ network
+itself. :class:`ResourceSettings` names the settings read here; the server's settings object has them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from service.engine.protocol import AsyncEngine
+from service.tokenizer import Emu35Tokenizer
+
+if TYPE_CHECKING:
+    from service.vq.worker import VqWorker
+
+
+class ResourceSettings(Protocol):
+    """The settings the engine and the VQ codec are built from."""
+
+    model: Path
+    vq_model: Path
+    tensor_parallel_size: int
+    dtype: str
+    max_model_len: int | None
+    gpu_memory_utilization: float
+    max_concurrent: int
+    quantization: str | None
+    enforce_eager: bool
+
+    @property
+    def engine_kind(self) -> Literal["vllm", "reference"]: ...
+
+    @property
+    def tokenizer_dir(self) -> Path: ...
+
+    @property
+    def resolved_device(self) -> str: ...
+
+    @property
+    def resolved_vq_device(self) -> str: ...
+
+
+def load_tokenizer(s: ResourceSettings) -> Emu35Tokenizer:
+    """The Emu3.5 tokenizer the engine, the planner and the parser share."""
+    return Emu35Tokenizer.from_dir(s.tokenizer_dir)
+
+
+def build_engine(s: ResourceSettings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
+    """The engine the settings ask for (not started)."""
+    if s.engine_kind == "vllm":
+        from service.engine.config import VllmEngineConfig
+        from service.engine.vllm_engine import VllmEngine
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # only read by the CPU build (GiB)
+        cfg = VllmEngineConfig(
+            model=str(s.model), tokenizer=str(s.tokenizer_dir),
+            tensor_parallel_size=s.tensor_parallel_size, dtype=s.dtype,
+            max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
+            max_pairs=s.max_concurrent, quantization=s.quantization,
+            graph_mode="eager" if s.enforce_eager else "auto")
+        return VllmEngine(cfg, tokenizer)
+    from service.engine.async_reference import AsyncReferenceEngine
+
+    return AsyncReferenceEngine(s.model, tokenizer, s.resolved_device, s.dtype, s.max_model_len)
+
+
+def load_vq(s: ResourceSettings):
+    """The VQ codec (IBQ) on its device; float32 on the CPU."""
+    from service.vq import VisionTokenizer
+
+    dtype = "float32" if s.resolved_vq_device == "cpu" or s.dtype == "auto" else s.dtype
+    return VisionTokenizer.from_pretrained(s.vq_model, device=s.resolved_vq_device, dtype=dtype)
+
+
+def start_vq_worker(s: ResourceSettings, observer=None) -> "VqWorker":
+    """The VQ worker thread around :func:`load_vq` (not started)."""
+    from service.vq.worker import VqWorker
+
+    return VqWorker(lambda: load_vq(s), observer=observer)

@@ -1,0 +1,232 @@
+"""The task layer's generation, as a stream of events the HTTP layer forwards.
+
+``GenerationRunner.prepare`` plans a request (defaults resolved once, limits checked once), encodes the
+reference images on the VQ worker and asks the engine whether it can run it, so a bad request fails
+before any response starts. ``GenerationRunner.run`` drives the engine, feeds the ids to the stream
+parser and yields :mod:`service.task.events`: text deltas per channel, image start / row progress (with
+optional decoded previews) / finished image, and finally :class:`Finished`. Each parsed segment is
+mapped once, to its answer part and its record item together. Closing the iterator early (a client
+went away) aborts the engine's pair.
+
+No HTTP here and no tensors leave it: images are PIL images, the record is bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import AsyncGenerator, AsyncIterator, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from service.engine.protocol import AsyncEngine
+from service.prompts import Task
+from service.record import RecordGlobalCot, RecordImage, RecordImageCot, RecordItem, RecordText, build_story
+from service.record.builder import encode_png
+from service.task.events import (
+    AnswerPart,
+    Finished,
+    ImageProgress,
+    ImageReady,
+    ImageStart,
+    Outcome,
+    RunEvent,
+    TextOut,
+    Usage,
+)
+from service.task.planner import GenerationOptions, PlanError, build_request, check_reference_count, resolve
+from service.token_layout import (
+    GlobalCotSegment,
+    ImageCotSegment,
+    ImageDone,
+    ImageRows,
+    ImageSegment,
+    ImageStarted,
+    SegmentDone,
+    StreamParser,
+    TextDelta,
+    TextSegment,
+)
+from service.tokenizer import Emu35Tokenizer
+from service.types import GenerationRequest
+
+#: zlib level of the one PNG each generated image gets: the images are the product, and a response
+#: waits for the encoder, so speed wins over a few per cent of size.
+PNG_COMPRESS_LEVEL = 1
+
+
+class ImageCodecAsync(Protocol):
+    """The VQ worker's interface (see ``service.vq.worker``)."""
+
+    @property
+    def downsample(self) -> int: ...
+
+    async def encode(self, images: Sequence[Image.Image], area: int | None) -> list[np.ndarray]: ...
+
+    async def decode(self, grids: Sequence[np.ndarray]) -> list[Image.Image]: ...
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """What a client asked for, already decoded (images are PIL images)."""
+
+    task: Task
+    question: str
+    images: tuple[Image.Image, ...] = ()
+    options: GenerationOptions = GenerationOptions()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    input: GenerationInput
+    request: GenerationRequest
+
+
+@dataclass
+class AnswerBuilder:
+    """The answer and its record, built in one pass over the parsed segments: each segment becomes its
+    answer part and its record item together (whitespace-only text becomes neither)."""
+
+    parts: list[AnswerPart] = field(default_factory=list)
+    record_items: list[RecordItem] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    pngs: list[bytes] = field(default_factory=list)
+
+    def add_image(self, image: Image.Image, png: bytes) -> None:
+        """A decoded image (before its segment arrives: the parser reports the image first)."""
+        self.images.append(image)
+        self.pngs.append(png)
+
+    def add_segment(self, segment: object) -> None:
+        if isinstance(segment, TextSegment):
+            if segment.text.strip():
+                self.parts.append(AnswerPart("text", text=segment.text))
+                self.record_items.append(RecordText(segment.text))
+                self.text.append(segment.text)
+        elif isinstance(segment, GlobalCotSegment):
+            self.parts.append(AnswerPart("global_cot", text=segment.text))
+            self.record_items.append(RecordGlobalCot(segment.text))
+        elif isinstance(segment, ImageCotSegment):
+            self.parts.append(AnswerPart("image_cot", text=segment.text))
+            self.record_items.append(RecordImageCot(segment.text))
+        elif isinstance(segment, ImageSegment):
+            index = sum(1 for p in self.parts if p.type == "image")
+            self.parts.append(AnswerPart("image", image_index=index))
+            self.record_items.append(RecordImage(self.images[index], self.pngs[index]))
+
+
+@dataclass
+class _Run:
+    """Everything one running generation accumulates, in one place."""
+
+    prepared: Prepared
+    preview_every_rows: int | None
+    downsample: int
+    started: float = field(default_factory=time.perf_counter)
+    ids: list[int] = field(default_factory=list)
+    answer: AnswerBuilder = field(default_factory=AnswerBuilder)
+    image_seconds: list[float] = field(default_factory=list)
+    image_started: dict[int, float] = field(default_factory=dict)
+    grids: dict[int, tuple[int, int]] = field(default_factory=dict)
+    rows: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    ttft: float | None = None
+    reason: str = "abort"
+
+
+class GenerationRunner:
+    """Runs generations on one engine and one VQ worker."""
+
+    def __init__(self, engine: AsyncEngine, vq: ImageCodecAsync, tokenizer: Emu35Tokenizer,
+                 image_area: int | None = None) -> None:
+        self.engine = engine
+        self.vq = vq
+        self.tok = tokenizer
+        self.image_area = image_area  # a service-wide override of every task's default image area
+
+    async def prepare(self, gen: GenerationInput, request_id: str) -> Prepared:
+        """Plan, encode the reference images and check the engine can run it; raise :class:`PlanError`."""
+        check_reference_count(len(gen.images))
+        plan = resolve(gen.task, gen.options, self.image_area)
+        grids = await self.vq.encode(list(gen.images), plan.image_area) if gen.images else []
+        req = build_request(self.tok, plan, gen.question, grids, request_id, max_model_len=self.engine.max_model_len)
+        try:
+            self.engine.check(req)
+        except ValueError as exc:  # EngineRequestError
+            raise PlanError(str(exc)) from exc
+        return Prepared(gen, req)
+
+    # ---- running ------------------------------------------------------------------------------
+    async def run(self, prepared: Prepared,
+                  preview_every_rows: int | None = None) -> AsyncGenerator[RunEvent, None]:
+        """Drive one generation; the last event is :class:`Finished`. Closing early aborts it."""
+        run = _Run(prepared, preview_every_rows, self.vq.downsample)
+        parser = StreamParser(self.tok)
+        stream = self.engine.generate(prepared.request)
+        try:
+            async for delta in stream:
+                if delta.token_ids and run.ttft is None:
+                    run.ttft = time.perf_counter() - run.started
+                run.ids += delta.token_ids
+                events = parser.feed(delta.token_ids) if delta.token_ids else []
+                if delta.finished:
+                    run.reason = delta.finish_reason or "abort"
+                    if not parser.ended:
+                        events += parser.finish()
+                for ev in events:
+                    async for out in self._on_parsed(run, ev):
+                        yield out
+                if delta.finished:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        yield Finished(await self._outcome(run))
+
+    async def _on_parsed(self, run: _Run, ev: object) -> AsyncIterator[RunEvent]:
+        """One parser event → zero or more run events (decoding images on the VQ worker)."""
+        f = run.downsample
+        if isinstance(ev, TextDelta):
+            if ev.text:
+                yield TextOut(ev.channel, ev.text)
+        elif isinstance(ev, ImageStarted):
+            run.image_started[ev.index] = time.perf_counter()
+            run.grids[ev.index] = (ev.height, ev.width)
+            run.rows[ev.index] = []
+            yield ImageStart(ev.index, ev.width * f, ev.height * f)
+        elif isinstance(ev, ImageRows):
+            total = run.grids[ev.index][0]
+            preview = None
+            every = run.preview_every_rows
+            if every:
+                run.rows[ev.index].append(np.asarray(ev.new_rows))
+                before = ev.rows_done - len(ev.new_rows)
+                if ev.rows_done // every > before // every and ev.rows_done < total:
+                    (preview,) = await self.vq.decode([np.concatenate(run.rows[ev.index], axis=0)])
+            yield ImageProgress(ev.index, ev.rows_done, total, preview)
+        elif isinstance(ev, ImageDone):
+            (image,) = await self.vq.decode([np.asarray(ev.codes)])
+            png = await asyncio.to_thread(encode_png, image, PNG_COMPRESS_LEVEL)
+            run.answer.add_image(image, png)
+            run.rows.pop(ev.index, None)
+            run.image_seconds.append(time.perf_counter() - run.image_started.pop(ev.index, time.perf_counter()))
+            yield ImageReady(ev.index, image, png)
+        elif isinstance(ev, SegmentDone):
+            run.answer.add_segment(ev.segment)
+
+    async def _outcome(self, run: _Run) -> Outcome:
+        gen, req = run.prepared.input, run.prepared.request
+        first_visual = self.tok.ids.first_visual
+        ids = np.asarray(run.ids, dtype=np.int64)
+        visual = int(np.count_nonzero(ids >= first_visual))
+        prompt_visual = int(np.count_nonzero(np.asarray(req.cond_prompt, dtype=np.int64) >= first_visual))
+        usage = Usage(len(req.cond_prompt), len(ids), visual, len(ids) - visual, prompt_visual)
+        answer = run.answer
+        story = await asyncio.to_thread(build_story, gen.question, list(gen.images), answer.record_items,
+                                        req.request_id)
+        return Outcome(req.request_id, gen.task, answer.images, answer.pngs, answer.parts, "".join(answer.text),
+                       story.SerializeToString(), usage, run.reason, run.ttft, time.perf_counter() - run.started,
+                       run.image_seconds)

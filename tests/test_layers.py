@@ -1,0 +1,60 @@
+"""The package boundaries: HTTP → task → engine and VQ worker → record, and the serving path free of
+demo and test code. Read from the import statements, so a new upward or sideways import fails here."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SERVICE = Path(__file__).resolve().parents[1] / "service"
+#: What the HTTP layer may import: itself, the task package, and the shared vocabulary below it.
+HTTP_MAY_IMPORT = ("service.server", "service.task", "service.types", "service.limits", "service.prompts")
+
+
+def imports_of(path: Path, *, runtime_only: bool) -> set[str]:
+    """Modules ``path`` imports (with ``runtime_only``, not those under ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    if runtime_only:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                skip |= {id(n) for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {m for m in found if m == "service" or m.startswith("service.")}
+
+
+@pytest.mark.parametrize("path", sorted((SERVICE / "server").glob("*.py")), ids=lambda p: p.name)
+def test_http_layer_imports_only_the_task_package_and_shared_types(path):
+    bad = {m for m in imports_of(path, runtime_only=False)
+           if m != "service" and not m.startswith(HTTP_MAY_IMPORT)}
+    assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("package", ["engine", "vq", "record", "task"])
+def test_lower_layers_never_import_upper_ones(package):
+    upper = {"engine": ("service.server", "service.task"), "vq": ("service.server", "service.task", "service.engine"),
+             "record": ("service.server", "service.task", "service.engine", "service.vq"),
+             "task": ("service.server",)}[package]
+    for path in sorted((SERVICE / package).rglob("*.py")):
+        bad = {m for m in imports_of(path, runtime_only=False) if m.startswith(upper)}
+        assert not bad, f"{path.relative_to(SERVICE)} imports {sorted(bad)}"
+
+
+def test_serving_never_imports_demo_or_test_code():
+    """Importing the whole serving path (app, runner, engines' front ends) loads no tiny-model trainer."""
+    code = ("import sys, service.server.run, service.server.app, service.task, service.engine.vllm_engine; "
+            "bad = [m for m in sys.modules if m.startswith(('service.tiny', 'tests', 'scripts'))]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
