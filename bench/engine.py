@@ -87,7 +87,7 @@ async def plain_part(model_dir: Path, tok: Emu35Tokenizer, repeats: int) -> dict
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from service.engine.vllm_plugin import register
+    from service.engine.in_vllm.plugin import register
 
     register()
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(

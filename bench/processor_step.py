@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engine.rules import PIXELS, Guidance, RowState, SamplingColumns, VocabTables, next_tokens, sample  # noqa: E402
+from service.engine.policy.rules import PIXELS, Guidance, RowState, SamplingColumns, VocabTables, next_tokens, sample  # noqa: E402
 
 VOCAB, FIRST_VISUAL = 282_926, 151_854
 

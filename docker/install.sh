@@ -81,12 +81,12 @@ check_installed() {
     "$PYTHON" - <<'PY'
 from importlib.metadata import entry_points
 
-import service.engine.vllm_plugin
+import service.engine.in_vllm.plugin
 import service.record.story_pb2
 import service.server.settings
 
 plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-assert plugins.get("emu35") == "service.engine.vllm_plugin:register", plugins
+assert plugins.get("emu35") == "service.engine.in_vllm.plugin:register", plugins
 PY
 }
 

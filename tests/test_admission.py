@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.engine.admission import Budget, Candidate, blocks_for, decide
+from service.engine.policy.admission import Budget, Candidate, blocks_for, decide
 
 BS = 16
 

@@ -58,3 +58,24 @@ def test_serving_never_imports_demo_or_test_code():
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_vllm_processes_import_only_the_in_vllm_and_policy_packages():
+    """What vLLM loads in its engine core and workers (plugin, model, processor, scheduler) brings in
+    neither the front-end client, the reference engine, the task layer nor HTTP."""
+    pytest.importorskip("vllm")
+    code = ("import sys, service.engine.in_vllm.plugin, service.engine.in_vllm.model, "
+            "service.engine.in_vllm.processor, service.engine.in_vllm.scheduler; "
+            "bad = [m for m in sys.modules if m.startswith(('service.engine.vllm_engine', 'service.engine.reference', "
+            "'service.engine.vllm_self_check', 'service.task', 'service.server', 'service.tiny', 'service.vq'))]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_policy_is_pure():
+    for path in sorted((SERVICE / "engine" / "policy").glob("*.py")):
+        mods = imports_of(path, runtime_only=True)
+        bad = {m for m in mods if m.startswith("service.engine") and not m.startswith("service.engine.policy")}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+        assert not any(line.lstrip().startswith(("import vllm", "from vllm")) for line in path.read_text().splitlines())

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from service.engine.rules import (
+from service.engine.policy.rules import (
     CAT_ANY,
     CAT_DIGIT,
     CAT_NONZERO_DIGIT,

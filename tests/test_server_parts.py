@@ -250,7 +250,7 @@ def test_vq_worker_reports_a_failed_load():
 
 @pytest.fixture(scope="module")
 def runner(tiny_dir, tiny_tokenizer):
-    from service.engine.async_reference import AsyncReferenceEngine
+    from service.engine.reference import AsyncReferenceEngine
     from service.task import GenerationRunner
     from service.vq import VisionTokenizer
     from service.vq.worker import VqWorker

@@ -40,14 +40,14 @@ def _source_mentions(obj, *needles: str) -> list[str]:
 def check_plugin_entry_point():
     eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "emu35"]
     assert eps, "entry point 'emu35' in group vllm.general_plugins is not installed (pip install -e .)"
-    assert eps[0].value == "service.engine.vllm_plugin:register"
+    assert eps[0].value == "service.engine.in_vllm.plugin:register"
     assert callable(_attr("vllm.plugins.load_general_plugins"))
 
 
 def check_model_registry():
     registry = _attr("vllm.ModelRegistry")
     assert hasattr(registry, "register_model") and hasattr(registry, "get_supported_archs")
-    from service.engine.vllm_plugin import register
+    from service.engine.in_vllm.plugin import register
 
     register()
     assert "Emu3ForCausalLM" in registry.get_supported_archs()
@@ -166,7 +166,7 @@ def test_vllm_interface(name):
 def test_emu3_checkpoint_config_maps_onto_qwen3(tiny_dir):
     from transformers import AutoConfig
 
-    from service.engine.vllm_plugin import register
+    from service.engine.in_vllm.plugin import register
 
     register()
     cfg = AutoConfig.from_pretrained(str(tiny_dir / "model"))

@@ -16,9 +16,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed (the test command inst
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
-from service.engine.pairing import ADMITTED_BY, ADMITTED_KEY, COND, SOLO, UNCOND, RowSpec, probe_extra  # noqa: E402
-from service.engine.rules import VocabTables  # noqa: E402
-from service.engine.vllm_processor import Emu35LogitsProcessor  # noqa: E402
+from service.engine.in_vllm.processor import Emu35LogitsProcessor  # noqa: E402
+from service.engine.policy.pairing import ADMITTED_BY, ADMITTED_KEY, COND, SOLO, UNCOND, RowSpec, probe_extra  # noqa: E402
+from service.engine.policy.rules import VocabTables  # noqa: E402
 from service.types import SamplingSettings  # noqa: E402
 
 pytestmark = pytest.mark.vllm

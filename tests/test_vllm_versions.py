@@ -62,7 +62,7 @@ def test_scheduler_signatures_the_pair_scheduler_forwards():
     required ``block_size``. Emu35Scheduler overrides ``schedule(*args, **kwargs)`` only."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from service.engine.vllm_scheduler import Emu35Scheduler
+    from service.engine.in_vllm.scheduler import Emu35Scheduler
 
     schedule = list(inspect.signature(Scheduler.schedule).parameters)
     init = list(inspect.signature(Scheduler.__init__).parameters)
@@ -156,8 +156,8 @@ def test_a_compilation_key_this_version_does_not_know_fails_when_the_args_are_bu
 
 def test_final_config_of_the_tiny_model_names_the_pair_scheduler_and_the_processor(tiny_dir, monkeypatch):
     """The whole ``VllmConfig`` (platform hooks included) built from the engine's arguments."""
+    from service.engine.in_vllm.plugin import register
     from service.engine.vllm_engine import build_engine_args
-    from service.engine.vllm_plugin import register
     from service.engine.vllm_self_check import final_config_problems
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 #: The logits processor, as vLLM's ``module:Class`` reference (imported in each worker).
-PROCESSOR_REF = "service.engine.vllm_processor:Emu35LogitsProcessor"
+PROCESSOR_REF = "service.engine.in_vllm.processor:Emu35LogitsProcessor"
 #: The pair-aware scheduler, as vLLM's dotted ``scheduler_cls`` name.
-SCHEDULER_REF = "service.engine.vllm_scheduler.Emu35Scheduler"
+SCHEDULER_REF = "service.engine.in_vllm.scheduler.Emu35Scheduler"
 
 GraphMode = Literal["auto", "eager", "full_decode_only"]
 

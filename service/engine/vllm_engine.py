@@ -17,9 +17,9 @@ import logging
 import time
 from typing import Any, AsyncGenerator
 
-from service.engine.admission import blocks_for
 from service.engine.config import VllmEngineConfig
-from service.engine.pairing import UNCOND_SUFFIX, row_specs
+from service.engine.policy.admission import blocks_for
+from service.engine.policy.pairing import UNCOND_SUFFIX, row_specs
 from service.engine.protocol import EngineError, EngineRequestError, EngineStats, PairBrokenError, check_fits
 from service.tokenizer import Emu35Tokenizer
 from service.types import GenerationRequest, TokenDelta
@@ -114,7 +114,7 @@ class VllmEngine:
         """Build the engine (loads the model, sizes the KV cache, starts vLLM's processes)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from service.engine.vllm_plugin import register
+        from service.engine.in_vllm.plugin import register
 
         register()  # this process too (the entry point covers vLLM's own processes)
         args = build_engine_args(self.config)

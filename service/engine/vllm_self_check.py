@@ -21,7 +21,7 @@ import importlib
 from typing import Any
 
 from service.engine.config import PROCESSOR_REF, SCHEDULER_REF
-from service.engine.pairing import probe_extra
+from service.engine.policy.pairing import probe_extra
 from service.engine.protocol import EngineError
 
 PROBE_REQUEST_ID = "emu35-self-check"
@@ -46,7 +46,7 @@ def _scheduler_class(scheduler_config: Any) -> Any:
 
 def final_config_problems(vllm_config: Any) -> list[str]:
     """What in vLLM's final config would run generations without the Emu3.5 rules (empty when fine)."""
-    from service.engine.vllm_scheduler import Emu35Scheduler
+    from service.engine.in_vllm.scheduler import Emu35Scheduler
 
     problems = []
     sched = _scheduler_class(vllm_config.scheduler_config)

@@ -62,7 +62,7 @@ def build_engine(s: ResourceSettings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
             max_pairs=s.max_concurrent, quantization=s.quantization,
             graph_mode="eager" if s.enforce_eager else "auto")
         return VllmEngine(cfg, tokenizer)
-    from service.engine.async_reference import AsyncReferenceEngine
+    from service.engine.reference import AsyncReferenceEngine
 
     return AsyncReferenceEngine(s.model, tokenizer, s.resolved_device, s.dtype, s.max_model_len)
 

@@ -1,6 +1,6 @@
 """Which waiting Emu3.5 requests may start this step: the pair-admission policy, free of vLLM.
 
-The pair-aware scheduler (``service.engine.vllm_scheduler``) asks this module before every step. Keeping
+The pair-aware scheduler (``service.engine.in_vllm.scheduler``) asks this module before every step. Keeping
 the policy here, over plain numbers, lets it be tested exhaustively without an engine and read in one
 place. The rules (design.md §9):
 

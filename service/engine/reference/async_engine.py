@@ -21,7 +21,7 @@ _DONE = object()
 
 
 if TYPE_CHECKING:
-    from service.engine.reference import ReferenceEngine
+    from service.engine.reference.engine import ReferenceEngine
 
 class AsyncReferenceEngine:
     """:class:`~service.engine.reference.ReferenceEngine` with the :class:`AsyncEngine` API."""
@@ -49,7 +49,7 @@ class AsyncReferenceEngine:
     def start(self) -> None:
         import torch
 
-        from service.engine.reference import ReferenceEngine
+        from service.engine.reference.engine import ReferenceEngine
 
         dtype = self.dtype
         if dtype == "auto":

@@ -1,4 +1,4 @@
-"""Pair-aware scheduling for vLLM (passed with ``scheduler_cls="service.engine.vllm_scheduler.Emu35Scheduler"``).
+"""Pair-aware scheduling for vLLM (passed with ``scheduler_cls="service.engine.in_vllm.scheduler.Emu35Scheduler"``).
 
 vLLM's scheduler admits waiting requests one by one while KV space and the token budget last, and
 preempts the newest running request when a running one needs a block it cannot get. Either would tear
@@ -22,8 +22,8 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from service.engine.admission import Budget, Candidate, blocks_for, decide
-from service.engine.pairing import ADMITTED_BY, ADMITTED_KEY, SOLO, RowSpec, is_emu35_request
+from service.engine.policy.admission import Budget, Candidate, blocks_for, decide
+from service.engine.policy.pairing import ADMITTED_BY, ADMITTED_KEY, SOLO, RowSpec, is_emu35_request
 
 logger = logging.getLogger(__name__)
 

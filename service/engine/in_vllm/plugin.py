@@ -27,7 +27,7 @@ from service.lm_checkpoint import ARCHITECTURE, MODEL_TYPE
 #: Name of the entry point (what ``VLLM_PLUGINS`` filters on).
 PLUGIN_NAME = "emu35"
 #: Lazy reference to the vLLM model class (imported only where the model is built).
-MODEL_CLASS_REF = "service.engine.emu3_vllm_model:Emu3ForCausalLM"
+MODEL_CLASS_REF = "service.engine.in_vllm.model:Emu3ForCausalLM"
 #: Default RoPE base of Emu3.5 (design.md §1); transformers' Qwen3 default is 10,000.
 DEFAULT_ROPE_THETA = 1_000_000.0
 

@@ -2,7 +2,7 @@
 
 One instance serves the whole persistent batch. Its state follows vLLM's batch changes (added, removed,
 moved rows) and each row's live output ids; the per-step work is the batched tensor code of
-``service.engine.rules``. The processor also samples: it applies CFG across the cond/uncond rows of a
+``service.engine.policy.rules``. The processor also samples: it applies CFG across the cond/uncond rows of a
 pair, the text or image top-k/top-p/temperature of the row's current mode, per-request seeded draws, and
 then hands vLLM a row that is -inf everywhere but the chosen token, so vLLM's own sampler (greedy, as the
 engine configures it) can only pick that token. The uncond row of a pair is given its cond row's token,
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from service.engine.pairing import COND, EXTRA_KEY, UNCOND, RowSpec, probe_answer
-from service.engine.rules import (
+from service.engine.policy.pairing import COND, EXTRA_KEY, UNCOND, RowSpec, probe_answer
+from service.engine.policy.rules import (
     Guidance,
     RowState,
     SamplingColumns,

@@ -3,7 +3,7 @@
 Emu3.5's transformer has exactly Qwen3's shapes and weight names (design.md §1), so the class adds
 nothing: weights load unchanged through Qwen3's loader (q/k/v and gate/up are fused on load), and
 tensor parallelism, graphs and quantisation are Qwen3's. Imported lazily by vLLM through
-``service.engine.vllm_plugin.MODEL_CLASS_REF``; never import it from code that runs without vLLM.
+``service.engine.in_vllm.plugin.MODEL_CLASS_REF``; never import it from code that runs without vLLM.
 """
 
 from __future__ import annotations

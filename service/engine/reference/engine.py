@@ -1,7 +1,7 @@
 """The reference engine: transformers' Qwen3 classes (eager attention, KV cache) with Emu3.5's rules.
 
 It runs where vLLM does not and is the oracle of the vLLM engine's tests: both apply the same rule and
-sampling functions (``service.engine.rules``) to their logits, so greedy decoding must give identical
+sampling functions (``service.engine.policy.rules``) to their logits, so greedy decoding must give identical
 ids. The cond and uncond sequences of a request run as one left-padded batch of two; the uncond row
 always receives the cond row's token (the lockstep form of design.md §5).
 """
@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from service.engine.rules import (
+from service.engine.policy.rules import (
     Guidance,
     RowState,
     SamplingColumns,
