@@ -60,6 +60,7 @@ def test_serving_never_imports_demo_or_test_code():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.vllm
 def test_vllm_processes_import_only_the_in_vllm_and_policy_packages():
     """What vLLM loads in its engine core and workers (plugin, model, processor, scheduler) brings in
     neither the front-end client, the reference engine, the task layer nor HTTP."""
