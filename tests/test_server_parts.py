@@ -265,12 +265,12 @@ def runner(tiny_dir, tiny_tokenizer):
 
 
 def _collect(runner, gen, rid, preview=None, stop_after=None):
-    from service.task import Finished
+    from service.task import Finished, PreviewSchedule
 
     async def go():
         prepared = await runner.prepare(gen, rid)
         events = []
-        stream = runner.run(prepared, preview)
+        stream = runner.run(prepared, PreviewSchedule.every(preview) if isinstance(preview, int) else preview)
         async for ev in stream:
             events.append(ev)
             if stop_after is not None and stop_after(ev):

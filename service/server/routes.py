@@ -21,6 +21,7 @@ from service.server.protocol import (
     ModelCard,
     ModelList,
     OpenAIImageEditParams,
+    OpenAIImageEvent,
     OpenAIImageParams,
     OpenAIImagesResponse,
     T2IRequest,
@@ -166,21 +167,29 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
 # ---- OpenAI-compatible image API ------------------------------------------------------------------
 
 
-@api.post("/images/generations", tags=["openai"], summary="OpenAI: create an image",
-          response_model=OpenAIImagesResponse, responses=_ERRORS, dependencies=[Depends(require_json)])
+_OPENAI_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the images (JSON), or with `stream: true` server-sent events: `<family>.partial_image` "
+                         "(`partial_images` per image, spread over its rows) then `<family>.completed` with `usage`, "
+                         "per image; the family is image_generation or image_edit (schema: OpenAIImageEvent)",
+          "content": {"text/event-stream": {"schema": OpenAIImageEvent.model_json_schema()}}},
+    **_ERRORS,
+}
+_MASK = "masks are not supported: describe the edit in the prompt"
+
+
+@api.post("/images/generations", tags=["openai"], summary="OpenAI: create an image (JSON or streamed)",
+          response_model=OpenAIImagesResponse, responses=_OPENAI_RESPONSES, dependencies=[Depends(require_json)])
 async def images_generations(body: OpenAIImageParams, request: Request) -> Response:
     return await _openai(request).create("images_generations", Task.T2I, body, [], request)
 
 
-@api.post("/images/edits", tags=["openai"], summary="OpenAI: edit images (multipart)",
-          response_model=OpenAIImagesResponse, responses=_ERRORS,
+@api.post("/images/edits", tags=["openai"], summary="OpenAI: edit images (multipart; JSON or streamed answer)",
+          response_model=OpenAIImagesResponse, responses=_OPENAI_RESPONSES,
           openapi_extra=_multipart_openapi(OpenAIImageEditParams, "image"))
 async def images_edits(request: Request) -> Response:
     s = request.app.state.runtime.settings
-    fields, images = await read_multipart(request, frozenset({"image", "image[]"}), max_files=MAX_REFERENCE_IMAGES + 1,
-                                          max_bytes=s.max_image_bytes)
-    if "mask" in fields:
-        raise APIError(400, "masks are not supported: describe the edit in the prompt", "unsupported_value", "mask")
+    fields, images = await read_multipart(request, frozenset({"image", "image[]"}), max_files=MAX_REFERENCE_IMAGES + 2,
+                                          max_bytes=s.max_image_bytes, unsupported={"mask": _MASK})
     body = _validate(OpenAIImageEditParams, fields)
     if not 1 <= len(images) <= MAX_REFERENCE_IMAGES:
         raise APIError(400, f"send 1 to {MAX_REFERENCE_IMAGES} images (field 'image' or 'image[]'), got {len(images)}",
