@@ -34,7 +34,7 @@ ENDPOINT_LABELS = {
     "/v1/t2i": "t2i", "/v1/x2i": "x2i", "/v1/guidance": "guidance", "/v1/narrative": "narrative",
     "/v1/generate": "generate", "/v1/images/generations": "images_generations", "/v1/images/edits": "images_edits",
     "/v1/models": "models", "/v1/records": "records", "/health": "health", "/ready": "ready", "/metrics": "metrics",
-    "/": "playground", "/docs": "docs", "/redoc": "docs",
+    "/": "playground", "/docs": "docs",
 }
 
 

@@ -1,10 +1,12 @@
-"""API documentation that works without internet: Swagger UI at ``/docs`` and ReDoc at ``/redoc``.
+"""API documentation that works without internet: Swagger UI at ``/docs``.
 
-FastAPI's own pages load their JavaScript and CSS from a CDN (and ReDoc its fonts from Google), so on
-an air-gapped cluster they stay blank. These pages are FastAPI's, pointed at assets the service serves
-itself from the ``fastapi-offline`` package (Swagger UI 5, which reads the OpenAPI 3.1 schema FastAPI
-writes, and ReDoc's standalone bundle). Like ``/`` and ``/openapi.json`` they need no API key: they
-show the schema, never data; the calls made from them carry the key the user enters.
+FastAPI's own page loads its JavaScript and CSS from a CDN, so on an air-gapped cluster it stays blank.
+This page is FastAPI's, pointed at assets the service serves itself from the ``fastapi-offline``
+package (Swagger UI 5, which reads the OpenAPI 3.1 schema FastAPI writes; Swagger UI 4, as in the
+``swagger-ui-bundle`` package, cannot). Like ``/`` and ``/openapi.json`` it needs no API key: it shows
+the schema, never data; calls made from it carry the key the user enters ("Authorize").
+
+ReDoc is not offered: even its standalone bundle fetches its logo from redoc.ly.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
 from service.server.errors import APIError
@@ -25,7 +27,6 @@ ASSET_PREFIX = "/docs/assets"
 ASSETS = {
     "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
     "swagger-ui.css": "text/css; charset=utf-8",
-    "redoc.standalone.js": "text/javascript; charset=utf-8",
     "favicon.png": "image/png",
 }
 _CACHE = {"Cache-Control": "public, max-age=86400"}
@@ -48,14 +49,8 @@ async def swagger_ui(request: Request) -> HTMLResponse:
     return get_swagger_ui_html(openapi_url=request.app.openapi_url, title=_title(request),
                                swagger_js_url=f"{ASSET_PREFIX}/swagger-ui-bundle.js",
                                swagger_css_url=f"{ASSET_PREFIX}/swagger-ui.css",
-                               swagger_favicon_url=f"{ASSET_PREFIX}/favicon.png")
-
-
-@router.get("/redoc")
-async def redoc(request: Request) -> HTMLResponse:
-    return get_redoc_html(openapi_url=request.app.openapi_url, title=_title(request),
-                          redoc_js_url=f"{ASSET_PREFIX}/redoc.standalone.js",
-                          redoc_favicon_url=f"{ASSET_PREFIX}/favicon.png", with_google_fonts=False)
+                               swagger_favicon_url=f"{ASSET_PREFIX}/favicon.png",
+                               swagger_ui_parameters={"validatorUrl": None})  # no call to swagger.io
 
 
 @router.api_route(ASSET_PREFIX + "/{name}", methods=["GET", "HEAD"])

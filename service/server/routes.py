@@ -65,8 +65,27 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise validation_error(exc.errors(include_url=False)) from None
 
 
-def _multipart_openapi(model: type[BaseModel], files: str) -> dict[str, Any]:
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` written in place: a schema placed by hand in the OpenAPI
+    document cannot keep pydantic's ``#/$defs/…`` references (ReDoc and Swagger UI fail to resolve them)."""
     schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+def _multipart_openapi(model: type[BaseModel], files: str) -> dict[str, Any]:
+    schema = _inline_schema(model)
     schema["properties"][files] = {"type": "array", "items": {"type": "string", "format": "binary"}}
     return {"requestBody": {"content": {"multipart/form-data": {"schema": schema}}, "required": True}}
 
@@ -125,7 +144,7 @@ async def t2i(body: T2IRequest, request: Request) -> Response:
 @api.post("/x2i", tags=["emu3.5"], summary=f"edit / compose from 1–{MAX_REFERENCE_IMAGES} reference images (JSON or multipart)",
           response_model=GenerationResponse, responses=_GENERATION_RESPONSES,
           openapi_extra={"requestBody": {"content": {
-              "application/json": {"schema": X2IRequest.model_json_schema()},
+              "application/json": {"schema": _inline_schema(X2IRequest)},
               **_multipart_openapi(X2IRequest, "images")["requestBody"]["content"]}, "required": True}})
 async def x2i(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
@@ -171,7 +190,7 @@ _OPENAI_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the images (JSON), or with `stream: true` server-sent events: `<family>.partial_image` "
                          "(`partial_images` per image, spread over its rows) then `<family>.completed` with `usage`, "
                          "per image; the family is image_generation or image_edit (schema: OpenAIImageEvent)",
-          "content": {"text/event-stream": {"schema": OpenAIImageEvent.model_json_schema()}}},
+          "content": {"text/event-stream": {"schema": _inline_schema(OpenAIImageEvent)}}},
     **_ERRORS,
 }
 _MASK = "masks are not supported: describe the edit in the prompt"
