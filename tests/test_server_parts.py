@@ -394,3 +394,97 @@ def _story_of(record: bytes):
     story = story_pb2.Story()
     story.ParseFromString(record)
     return story
+
+
+# ---- OpenAI image API parts ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule,total,rows", [
+    (("every", 4), 8, (4,)),
+    (("every", 3), 10, (3, 6, 9)),
+    (("spread", 2), 8, (3, 5)),
+    (("spread", 1), 8, (4,)),
+    (("spread", 3), 8, (2, 4, 6)),
+    (("spread", 3), 2, (1,)),  # too few rows for three: fewer partials, never the last row
+    (("spread", 0), 8, ()),
+])
+def test_preview_schedule_names_the_preview_rows(schedule, total, rows):
+    from service.task import PreviewSchedule
+
+    kind, value = schedule
+    plan = PreviewSchedule.every(value) if kind == "every" else PreviewSchedule.spread(value)
+    assert plan.rows(total) == rows
+
+
+def test_openai_size_rule():
+    from service.prompts import Task
+    from service.server.errors import APIError
+    from service.server.openai_images import quality_preset, size_spec
+
+    assert size_spec(None, Task.T2I) is None and size_spec("auto", Task.T2I) is None
+    assert size_spec("auto", Task.X2I) == "match_reference"
+    assert size_spec("1536x1024", Task.T2I) == "1536x1024"  # the planner fits it to the area
+    for bad in ("1024x256", "256x1024", "big", "0x512"):
+        with pytest.raises(APIError) as err:
+            size_spec(bad, Task.T2I)
+        assert err.value.status == 400 and err.value.param == "size"
+    assert quality_preset(None) == ("high", 1.0) and quality_preset("low") == ("low", 0.25)
+    assert quality_preset("standard") == ("medium", 9 / 16)
+
+
+def test_openai_sizes_are_fitted_to_the_area_by_the_planner(tiny_tokenizer):
+    from service.prompts import Task
+    from service.task import GenerationOptions, PlanError, plan_request
+
+    def grid(size, **kw):
+        options = GenerationOptions(size=size, fit_size_to_area=True, **kw)
+        return plan_request(tiny_tokenizer, Task.T2I, "x", [], options, "r").target_grid
+
+    assert grid("1536x1024") == (52, 78)  # the task's 1024² area: the release's 3:2 grid
+    assert grid("1536x1024", image_area=65536) == (13, 19)
+    assert grid("128x128", image_area=65536) == (8, 8)
+    assert grid(None, area_scale=0.25) == (27, 36)  # quality low: 4:3 at 512²
+    req = plan_request(tiny_tokenizer, Task.T2I, "x", [], GenerationOptions(size="1024x1536"), "r")
+    assert req.max_new_tokens >= 96 * 65 + 7  # the default budget grew to hold the forced image
+    with pytest.raises(PlanError) as err:
+        grid("1000x1000")
+    assert err.value.param == "size" and "multiple of 16" in str(err.value)
+
+
+def test_merged_streams_interleave_and_close_every_source():
+    from service.server.streams import merge_streams
+
+    closed: list[int] = []
+
+    async def source(i: int, n: int, fail: bool = False):
+        try:
+            for k in range(n):
+                await asyncio.sleep(0.001 * (i + 1))
+                yield f"{i}:{k}"
+            if fail:
+                raise RuntimeError(f"source {i} broke")
+        finally:
+            closed.append(i)
+
+    async def collect(streams):
+        return [item async for item in merge_streams(streams)]
+
+    items = asyncio.run(collect([source(0, 3), source(1, 2), source(2, 1)]))
+    assert sorted(items) == sorted([(0, "0:0"), (0, "0:1"), (0, "0:2"), (1, "1:0"), (1, "1:1"), (2, "2:0")])
+    assert sorted(closed) == [0, 1, 2]
+    closed.clear()
+    with pytest.raises(RuntimeError, match="source 1 broke"):
+        asyncio.run(collect([source(0, 1000), source(1, 1, fail=True)]))
+    assert sorted(closed) == [0, 1]  # the endless one was closed too
+
+
+def test_runner_spreads_partial_previews_over_the_rows(runner):
+    from service.prompts import Task
+    from service.task import GenerationInput, GenerationOptions, ImageProgress, PreviewSchedule
+
+    gen = GenerationInput(Task.T2I, "a cat", (), GenerationOptions(size="128x128", seed=1))
+    _, events, out = _collect(runner, gen, "unit-spread", preview=PreviewSchedule.spread(2))
+    previews = [(p.rows, p.preview.size) for p in events if isinstance(p, ImageProgress) and p.preview is not None]
+    assert previews == [(3, (128, 48)), (5, (128, 80))]
+    assert [p.rows for p in events if isinstance(p, ImageProgress)] == list(range(1, 9))
+    assert out.finish_reason == "stop"
