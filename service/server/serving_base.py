@@ -247,9 +247,9 @@ class ServingBase:
         for rid in rids:
             if task is not None:
                 self.rt.inflight[rid] = task
-        runner = self._runner()
-        runs = [runner.run(a.prepared, job.previews) for a in admitted]
         try:
+            runner = self._runner()
+            runs = [runner.run(a.prepared, job.previews) for a in admitted]
             async with contextlib.aclosing(merge_streams(runs)) as events:
                 async for index, ev in events:
                     if isinstance(ev, Finished):
