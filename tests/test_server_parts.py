@@ -488,3 +488,41 @@ def test_runner_spreads_partial_previews_over_the_rows(runner):
     assert previews == [(3, (128, 48)), (5, (128, 80))]
     assert [p.rows for p in events if isinstance(p, ImageProgress)] == list(range(1, 9))
     assert out.finish_reason == "stop"
+
+
+def test_openai_stream_renderer_sends_partials_on_a_blank_canvas_and_completed_with_usage():
+    import base64
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from service.prompts import Task
+    from service.server.openai_images import OpenAIOutput
+    from service.server.render import OpenAIStreamRenderer, openai_error_event
+    from service.task import Finished, ImageProgress, ImageStart, Outcome, Usage
+
+    final = Image.new("RGB", (128, 128), (10, 200, 30))
+    out = Outcome("img-1", Task.X2I, [final], [b"png"], [], "", b"", Usage(40, 77, 64, 13, 16), "stop", 0.1, 1.0)
+    renderer = OpenAIStreamRenderer(OpenAIOutput("webp", 60, "medium", "image_edit", 1))
+    assert renderer.message(2, ImageStart(0, 128, 128), 7) is None
+    assert renderer.message(2, ImageProgress(0, 2, 8), 7) is None  # progress without a preview: nothing
+    partial = renderer.message(2, ImageProgress(0, 4, 8, Image.new("RGB", (128, 64), (250, 0, 0))), 7)
+    assert partial is not None and partial["event"] == "image_edit.partial_image"
+    data = json.loads(partial["data"])
+    assert {k: data[k] for k in ("type", "partial_image_index", "image_index", "size", "output_format", "quality",
+                                 "background", "created_at")} == {
+        "type": "image_edit.partial_image", "partial_image_index": 0, "image_index": 2, "size": "128x128",
+        "output_format": "webp", "quality": "medium", "background": "opaque", "created_at": 7}
+    im = Image.open(io.BytesIO(base64.b64decode(data["b64_json"])))
+    assert im.format == "WEBP" and im.size == (128, 128)
+    pixels = np.asarray(im.convert("RGB")).astype(int)
+    assert abs(pixels[100, 64] - 127).max() <= 8 and pixels[10, 64, 0] > 200  # drawn rows red, the rest blank
+    done = json.loads(renderer.message(2, Finished(out), 8)["data"])
+    assert done["type"] == "image_edit.completed" and "partial_image_index" not in done
+    assert done["usage"] == {"input_tokens": 40, "output_tokens": 77, "total_tokens": 117,
+                             "input_tokens_details": {"text_tokens": 24, "image_tokens": 16},
+                             "output_tokens_details": {"text_tokens": 13, "image_tokens": 64}}
+    error = json.loads(openai_error_event("engine broke", "generation_failed")["data"])
+    assert error["error"]["message"] == "engine broke"  # the shape the official client raises as APIError
