@@ -451,6 +451,18 @@ def test_disconnecting_a_stream_mid_image_aborts_its_pair(http, server):
     assert wait_engine_idle(http, 2.0) <= 2.0
 
 
+def test_disconnecting_an_openai_stream_of_two_images_aborts_both_pairs(http, server):
+    wait_engine_idle(http, 30)
+    body = {"prompt": "two long ones", "size": "512x512", "n": 2, "stream": True, "partial_images": 3}
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as own:
+        with connect_sse(own, "POST", "/v1/images/generations", json=body) as src:
+            events = src.iter_sse()
+            first = next(events)
+            assert first.event == "image_generation.partial_image"
+            assert metric(metrics(http), "emu35_running_pairs") == 2
+    assert wait_engine_idle(http, 2.0) <= 2.0
+
+
 def test_disconnecting_a_plain_request_aborts_its_pair(http, server):
     wait_engine_idle(http, 30)
     before = metric(metrics(http), "emu35_client_disconnects_total")
