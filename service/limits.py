@@ -22,3 +22,7 @@ MAX_GUIDANCE_SCALE = 50.0
 MAX_TEMPERATURE = 100.0
 #: Images one OpenAI-style request may ask for (each is a generation of its own).
 MAX_IMAGES_PER_REQUEST = 4
+#: Partial images one streamed OpenAI-style image may have (OpenAI's ``partial_images``: 0–3).
+MAX_PARTIAL_IMAGES = 3
+#: Most elongated OpenAI-style ``size``: the longer side at most this many times the shorter (1:3 … 3:1).
+MAX_SIZE_ASPECT = 3

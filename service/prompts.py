@@ -51,7 +51,9 @@ __all__ = [
     "MAX_REFERENCE_IMAGES",
     "grid_for_aspect",
     "grid_for_pixels",
+    "fit_grid_to_area",
     "parse_size",
+    "is_pixel_size",
     "ExplicitGrid",
     "SizeMode",
     "AUTO",
@@ -243,20 +245,37 @@ def grid_for_aspect(ratio: str, area: int) -> tuple[int, int]:
     return max(1, math.isqrt(h * h * area // base)), max(1, math.isqrt(w * w * area // base))
 
 
-def grid_for_pixels(width: int, height: int) -> tuple[int, int]:
+def grid_for_pixels(width: int, height: int, max_side: int | None = MAX_GRID_SIDE) -> tuple[int, int]:
     """Grid (H, W) for an explicit pixel size; both sides must be positive multiples of 16 and at most
-    ``MAX_GRID_SIDE * 16`` px."""
+    ``max_side * 16`` px (None: no bound, for a size about to be fitted to an area)."""
     width = _positive_int("width", width)
     height = _positive_int("height", height)
     for name, v in (("width", width), ("height", height)):
         if v % PATCH_SIZE:
             raise ValueError(f"image {name} {v} px is not a multiple of {PATCH_SIZE}")
-        if v // PATCH_SIZE > MAX_GRID_SIDE:
-            raise ValueError(f"image {name} {v} px exceeds the maximum of {MAX_GRID_SIDE * PATCH_SIZE} px")
+        if max_side is not None and v // PATCH_SIZE > max_side:
+            raise ValueError(f"image {name} {v} px exceeds the maximum of {max_side * PATCH_SIZE} px")
     return height // PATCH_SIZE, width // PATCH_SIZE
 
 
+def fit_grid_to_area(grid: tuple[int, int], area: int) -> tuple[int, int]:
+    """``grid`` (H, W) unchanged when its pixels fit ``area``; otherwise the grid of the same aspect scaled
+    down into the area, each side floored (at least 1), computed exactly in integers as
+    ``isqrt(side²·area // (H·W·256))``. At 1024² this gives the release's own grids for OpenAI's sizes:
+    1536x1024 → 52×78 (1248x832, the 3:2 entry), 1024x1536 → 78×52 (the 2:3 entry)."""
+    h, w = grid
+    base = h * w * PATCH_SIZE * PATCH_SIZE
+    if base <= area:
+        return h, w
+    return max(1, math.isqrt(h * h * area // base)), max(1, math.isqrt(w * w * area // base))
+
+
 _SIZE_RE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
+
+
+def is_pixel_size(text: str) -> bool:
+    """Whether ``text`` has the form ``WIDTHxHEIGHT`` (values unchecked)."""
+    return isinstance(text, str) and _SIZE_RE.fullmatch(text) is not None
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -293,3 +293,55 @@ def test_api_errors_are_shown(page, tmp_path):
     wait_state(panel, "error")
     assert shot(page, tmp_path / "error-key.png").stat().st_size > 0
     assert (tmp_path / "error-size.png").stat().st_size > 0
+
+
+# ---- the API docs, offline ------------------------------------------------------------------------
+
+
+def test_docs_pages_and_assets_need_no_key_and_name_no_other_site(server):
+    page = httpx.get(server.url + "/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert not re.search(r"(src|href)=\"https?://", page.text), "/docs loads from another site"
+    assert "/docs/assets/swagger-ui-bundle.js" in page.text
+    for name in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png"):
+        assert httpx.get(f"{server.url}/docs/assets/{name}").status_code == 200, name
+    assert httpx.get(server.url + "/docs/assets/redoc.standalone.js").status_code == 404
+    assert httpx.get(server.url + "/redoc").status_code == 404
+    assert httpx.get(server.url + "/openapi.json").status_code == 200
+
+
+def offline_page(browser, server):
+    """A page whose every request to another host is aborted (and recorded), as on an air-gapped cluster."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    blocked: list[str] = []
+
+    def only_the_service(route) -> None:
+        if route.request.url.startswith(server.url + "/"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_service)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return context, page, blocked, errors
+
+
+def test_swagger_ui_renders_the_operations_with_the_network_cut_off(browser, server, tmp_path):
+    context, page, blocked, errors = offline_page(browser, server)
+    try:
+        page.goto(server.url + "/docs")
+        generations = page.locator(".opblock-summary-path", has_text=re.compile(r"^/v1/images/generations$"))
+        expect(generations).to_be_visible(timeout=30_000)
+        for path in ("/v1/t2i", "/v1/x2i", "/v1/images/edits", "/health"):
+            expect(page.locator(".opblock-summary-path", has_text=re.compile(f"^{path}$"))).to_be_visible()
+        assert page.locator(".opblock").count() >= 12
+        generations.click()  # an operation opens and shows its request body schema
+        expect(page.locator(".opblock.is-open .opblock-section-request-body")).to_be_visible()
+        shot(page, tmp_path / "docs-offline.png")
+        assert not blocked, f"the docs tried to reach other hosts: {blocked}"
+        assert not errors, errors
+    finally:
+        context.close()

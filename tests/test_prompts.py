@@ -314,3 +314,27 @@ def test_resolve_target_grid():
         resolve_target_grid(MATCH_REFERENCE, [])
     with pytest.raises(ValueError):
         resolve_target_grid("auto-ish", refs)
+
+
+# ---- fitting an explicit size to the image area (OpenAI's sizes) ---------------------------------------
+
+
+def test_fit_grid_to_area_keeps_small_grids_and_shrinks_large_ones_to_the_release_grids():
+    from service.prompts import fit_grid_to_area
+
+    assert fit_grid_to_area((64, 64), 1024 * 1024) == (64, 64)  # fits exactly
+    assert fit_grid_to_area((8, 8), 65536) == (8, 8)
+    assert fit_grid_to_area((64, 96), 1024 * 1024) == ASPECT_RATIOS["3:2"]  # 1536x1024 → 1248x832
+    assert fit_grid_to_area((96, 64), 1024 * 1024) == ASPECT_RATIOS["2:3"]
+    assert fit_grid_to_area((64, 96), 65536) == (13, 19)
+
+
+@settings(max_examples=200, deadline=None)
+@given(h=st.integers(1, 400), w=st.integers(1, 400), area=st.integers(256, 4096 * 4096))
+def test_a_fitted_grid_stays_within_the_area_and_never_grows(h, w, area):
+    from service.prompts import fit_grid_to_area
+
+    fh, fw = fit_grid_to_area((h, w), area)
+    assert 1 <= fh <= h and 1 <= fw <= w
+    if (fh, fw) != (h, w) and min(fh, fw) > 1:  # a side clamped to one token may overshoot a tiny area
+        assert fh * fw * 256 <= area

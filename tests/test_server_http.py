@@ -107,6 +107,99 @@ def test_openai_models_and_errors(openai_client):
         openai_client.images.generate(model="dall-e-3", prompt="x")
 
 
+def _pixels(b64: str, fmt: str = "PNG") -> np.ndarray:
+    im = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert im.format == fmt
+    return np.asarray(im.convert("RGB"))
+
+
+def test_openai_client_streams_partial_images_then_the_same_image_as_json(openai_client):
+    stream = openai_client.images.generate(model="emu3.5", prompt="a lighthouse at dusk", size=SMALL, stream=True,
+                                           partial_images=2, extra_body={"seed": 21})
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    partials, done = events[:2], events[2]
+    assert [e.partial_image_index for e in partials] == [0, 1]
+    for e in events:
+        assert (e.size, e.output_format, e.background, e.quality) == ("128x128", "png", "opaque", "high")
+        assert e.image_index == 0
+    # an 8-row image: partials after rows 3 and 5, drawn at the final size with the rows to come left blank
+    first, second = (_pixels(e.b64_json) for e in partials)
+    assert first.shape == second.shape == (128, 128, 3)
+    assert (first[48:] == 127).all() and not (first[:48] == 127).all()
+    assert (second[80:] == 127).all() and not (second[48:80] == 127).all()
+    assert done.usage.output_tokens == 77 and done.usage.input_tokens_details.image_tokens == 0
+    assert done.usage.total_tokens == done.usage.input_tokens + 77
+    plain = openai_client.images.generate(model="emu3.5", prompt="a lighthouse at dusk", size=SMALL,
+                                          extra_body={"seed": 21})
+    assert np.array_equal(_pixels(plain.data[0].b64_json), _pixels(done.b64_json))
+    assert plain.usage.model_dump() == done.usage.model_dump()
+
+
+def test_openai_client_streams_an_edit_with_one_partial_image(openai_client):
+    ref = ("ref.png", png_bytes(96, 96, seed=4), "image/png")
+    extra = {"image_area": 128 * 128, "seed": 8}
+    events = list(openai_client.images.edit(image=ref, prompt="make it blue", stream=True, partial_images=1,
+                                            extra_body=extra))
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    partial, done = events
+    assert partial.partial_image_index == 0 and partial.size == done.size == "128x128"
+    assert (_pixels(partial.b64_json)[64:] == 127).all()  # row 4 of 8
+    assert done.usage.input_tokens_details.image_tokens == 64
+    plain = openai_client.images.edit(image=ref, prompt="make it blue", extra_body=extra)
+    assert np.array_equal(_pixels(plain.data[0].b64_json), _pixels(done.b64_json))
+
+
+def test_openai_stream_without_partials_sends_one_completed_event_per_image(openai_client):
+    events = list(openai_client.images.generate(prompt="two birds", size=SMALL, n=2, stream=True, partial_images=0,
+                                                output_format="jpeg", extra_body={"seed": 30}))
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    assert sorted(e.image_index for e in events) == [0, 1]
+    images = [_pixels(e.b64_json, "JPEG") for e in events]
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_openai_n3_gives_three_images_faster_than_three_requests(openai_client, http):
+    import time
+
+    wait_engine_idle(http, 30)
+    size = "256x256"  # 16×16 tokens: long enough for the decode steps to dominate
+    started = time.perf_counter()
+    together = openai_client.images.generate(prompt="three cats", size=size, n=3, extra_body={"seed": 40})
+    concurrent_s = time.perf_counter() - started
+    started = time.perf_counter()
+    one_by_one = [openai_client.images.generate(prompt="three cats", size=size, extra_body={"seed": 40 + i})
+                  for i in range(3)]
+    sequential_s = time.perf_counter() - started
+    print(f"n=3 in one request: {concurrent_s:.2f} s; three sequential requests: {sequential_s:.2f} s")
+    assert len({d.b64_json for d in together.data}) == 3
+    assert together.usage.output_tokens == 3 * one_by_one[0].usage.output_tokens
+    assert concurrent_s < sequential_s
+
+
+def test_openai_output_formats_quality_and_sizes(openai_client):
+    webp = openai_client.images.generate(prompt="a harbour", size=SMALL, output_format="webp", output_compression=50)
+    assert webp.output_format == "webp" and _pixels(webp.data[0].b64_json, "WEBP").shape == (128, 128, 3)
+    # 1536x1024 is over the demo's 256² image area: the nearest grid of its aspect inside it (13×19)
+    wide = openai_client.images.generate(prompt="a wide valley", size="1536x1024")
+    assert wide.size == "304x208" and _pixels(wide.data[0].b64_json).shape == (208, 304, 3)
+    # quality low: a quarter of the image area (128² here), 4:3 by default
+    low = openai_client.images.generate(prompt="a small hut", quality="low")
+    assert (low.size, low.quality) == ("144x96", "low")
+
+
+def test_unknown_fields_pass_on_openai_routes_and_fail_on_emu35_routes(openai_client, http):
+    new_fields = {"seed": 2, "a_field_from_the_future": {"x": 1}, "complexity": "low"}
+    res = openai_client.images.generate(prompt="a kite", size=SMALL, moderation="low", user="u-1",
+                                        extra_body=new_fields)
+    assert len(res.data) == 1
+    edit = openai_client.images.edit(image=("a.png", png_bytes(), "image/png"), prompt="a kite", size=SMALL,
+                                     input_fidelity="high", extra_body={**new_fields, "image_area": 128 * 128})
+    assert len(edit.data) == 1
+    r = http.post("/v1/t2i", json={"prompt": "a kite", "size": SMALL, "a_field_from_the_future": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "a_field_from_the_future"
+
+
 # ---- Emu3.5 endpoints --------------------------------------------------------------------------------
 
 
@@ -284,6 +377,15 @@ BAD_REQUESTS = [
     ("openai: unknown model", "POST", "/v1/images/generations", {"json": {"prompt": "x", "model": "dall-e-3"}}, 404, "model_not_found"),
     ("openai: edit without image", "POST", "/v1/images/edits", {"data": {"prompt": "x"}, "files": {"other": ("a.txt", b"x", "text/plain")}}, 400, "unknown_field"),
     ("openai: edit with a mask", "POST", "/v1/images/edits", {"data": {"prompt": "x", "mask": "m"}, "files": {"image": ("a.png", b"x", "image/png")}}, 400, "unsupported_value"),
+    ("openai: transparent background", "POST", "/v1/images/generations", {"json": {"prompt": "x", "background": "transparent"}}, 400, "unsupported_value"),
+    ("openai: gif output", "POST", "/v1/images/generations", {"json": {"prompt": "x", "output_format": "gif"}}, 400, "invalid_value"),
+    ("openai: compression above 100", "POST", "/v1/images/generations", {"json": {"prompt": "x", "output_compression": 101}}, 400, "invalid_value"),
+    ("openai: four partial images", "POST", "/v1/images/generations", {"json": {"prompt": "x", "stream": True, "partial_images": 4}}, 400, "invalid_value"),
+    ("openai: unknown quality", "POST", "/v1/images/generations", {"json": {"prompt": "x", "quality": "ultra"}}, 400, "invalid_value"),
+    ("openai: size beyond 3:1", "POST", "/v1/images/generations", {"json": {"prompt": "x", "size": "1024x256"}}, 400, "invalid_value"),
+    ("openai: size not a multiple of 16", "POST", "/v1/images/generations", {"json": {"prompt": "x", "size": "1000x1000"}}, 400, "invalid_generation"),
+    ("openai: size not WxH", "POST", "/v1/images/generations", {"json": {"prompt": "x", "size": "large"}}, 400, "invalid_value"),
+    ("openai: edit with a mask file", "POST", "/v1/images/edits", {"data": {"prompt": "x"}, "files": [("image", ("a.png", b"x", "image/png")), ("mask", ("m.png", b"x", "image/png"))]}, 400, "unsupported_value"),
     ("openai: edit as JSON", "POST", "/v1/images/edits", {"json": {"prompt": "x"}}, 415, "unsupported_media_type"),
     ("multipart x2i with a non-image file", "POST", "/v1/x2i", {"data": {"prompt": "x"}, "files": {"images": ("a.txt", b"plain text", "text/plain")}}, 400, "invalid_image"),
     ("record id with dots", "GET", "/v1/records/a..b", {}, 400, "invalid_record_id"),
@@ -346,6 +448,18 @@ def test_disconnecting_a_stream_mid_image_aborts_its_pair(http, server):
             m = metrics(http)
             assert metric(m, "emu35_running_pairs") == 1, {k: v for k, v in m.items() if "pairs" in k[0] or "engine" in k[0] or "flight" in k[0]}
         # leaving the block closed the connection mid-image
+    assert wait_engine_idle(http, 2.0) <= 2.0
+
+
+def test_disconnecting_an_openai_stream_of_two_images_aborts_both_pairs(http, server):
+    wait_engine_idle(http, 30)
+    body = {"prompt": "two long ones", "size": "512x512", "n": 2, "stream": True, "partial_images": 3}
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as own:
+        with connect_sse(own, "POST", "/v1/images/generations", json=body) as src:
+            events = src.iter_sse()
+            first = next(events)
+            assert first.event == "image_generation.partial_image"
+            assert metric(metrics(http), "emu35_running_pairs") == 2
     assert wait_engine_idle(http, 2.0) <= 2.0
 
 

@@ -265,12 +265,12 @@ def runner(tiny_dir, tiny_tokenizer):
 
 
 def _collect(runner, gen, rid, preview=None, stop_after=None):
-    from service.task import Finished
+    from service.task import Finished, PreviewSchedule
 
     async def go():
         prepared = await runner.prepare(gen, rid)
         events = []
-        stream = runner.run(prepared, preview)
+        stream = runner.run(prepared, PreviewSchedule.every(preview) if isinstance(preview, int) else preview)
         async for ev in stream:
             events.append(ev)
             if stop_after is not None and stop_after(ev):
@@ -394,3 +394,135 @@ def _story_of(record: bytes):
     story = story_pb2.Story()
     story.ParseFromString(record)
     return story
+
+
+# ---- OpenAI image API parts ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule,total,rows", [
+    (("every", 4), 8, (4,)),
+    (("every", 3), 10, (3, 6, 9)),
+    (("spread", 2), 8, (3, 5)),
+    (("spread", 1), 8, (4,)),
+    (("spread", 3), 8, (2, 4, 6)),
+    (("spread", 3), 2, (1,)),  # too few rows for three: fewer partials, never the last row
+    (("spread", 0), 8, ()),
+])
+def test_preview_schedule_names_the_preview_rows(schedule, total, rows):
+    from service.task import PreviewSchedule
+
+    kind, value = schedule
+    plan = PreviewSchedule.every(value) if kind == "every" else PreviewSchedule.spread(value)
+    assert plan.rows(total) == rows
+
+
+def test_openai_size_rule():
+    from service.prompts import Task
+    from service.server.errors import APIError
+    from service.server.openai_images import quality_preset, size_spec
+
+    assert size_spec(None, Task.T2I) is None and size_spec("auto", Task.T2I) is None
+    assert size_spec("auto", Task.X2I) == "match_reference"
+    assert size_spec("1536x1024", Task.T2I) == "1536x1024"  # the planner fits it to the area
+    for bad in ("1024x256", "256x1024", "big", "0x512"):
+        with pytest.raises(APIError) as err:
+            size_spec(bad, Task.T2I)
+        assert err.value.status == 400 and err.value.param == "size"
+    assert quality_preset(None) == ("high", 1.0) and quality_preset("low") == ("low", 0.25)
+    assert quality_preset("standard") == ("medium", 9 / 16)
+
+
+def test_openai_sizes_are_fitted_to_the_area_by_the_planner(tiny_tokenizer):
+    from service.prompts import Task
+    from service.task import GenerationOptions, PlanError, plan_request
+
+    def grid(size, **kw):
+        options = GenerationOptions(size=size, fit_size_to_area=True, **kw)
+        return plan_request(tiny_tokenizer, Task.T2I, "x", [], options, "r").target_grid
+
+    assert grid("1536x1024") == (52, 78)  # the task's 1024² area: the release's 3:2 grid
+    assert grid("1536x1024", image_area=65536) == (13, 19)
+    assert grid("128x128", image_area=65536) == (8, 8)
+    assert grid(None, area_scale=0.25) == (27, 36)  # quality low: 4:3 at 512²
+    req = plan_request(tiny_tokenizer, Task.T2I, "x", [], GenerationOptions(size="1024x1536"), "r")
+    assert req.max_new_tokens >= 96 * 65 + 7  # the default budget grew to hold the forced image
+    with pytest.raises(PlanError) as err:
+        grid("1000x1000")
+    assert err.value.param == "size" and "multiple of 16" in str(err.value)
+
+
+def test_merged_streams_interleave_and_close_every_source():
+    from service.server.streams import merge_streams
+
+    closed: list[int] = []
+
+    async def source(i: int, n: int, fail: bool = False):
+        try:
+            for k in range(n):
+                await asyncio.sleep(0.001 * (i + 1))
+                yield f"{i}:{k}"
+            if fail:
+                raise RuntimeError(f"source {i} broke")
+        finally:
+            closed.append(i)
+
+    async def collect(streams):
+        return [item async for item in merge_streams(streams)]
+
+    items = asyncio.run(collect([source(0, 3), source(1, 2), source(2, 1)]))
+    assert sorted(items) == sorted([(0, "0:0"), (0, "0:1"), (0, "0:2"), (1, "1:0"), (1, "1:1"), (2, "2:0")])
+    assert sorted(closed) == [0, 1, 2]
+    closed.clear()
+    with pytest.raises(RuntimeError, match="source 1 broke"):
+        asyncio.run(collect([source(0, 1000), source(1, 1, fail=True)]))
+    assert sorted(closed) == [0, 1]  # the endless one was closed too
+
+
+def test_runner_spreads_partial_previews_over_the_rows(runner):
+    from service.prompts import Task
+    from service.task import GenerationInput, GenerationOptions, ImageProgress, PreviewSchedule
+
+    gen = GenerationInput(Task.T2I, "a cat", (), GenerationOptions(size="128x128", seed=1))
+    _, events, out = _collect(runner, gen, "unit-spread", preview=PreviewSchedule.spread(2))
+    previews = [(p.rows, p.preview.size) for p in events if isinstance(p, ImageProgress) and p.preview is not None]
+    assert previews == [(3, (128, 48)), (5, (128, 80))]
+    assert [p.rows for p in events if isinstance(p, ImageProgress)] == list(range(1, 9))
+    assert out.finish_reason == "stop"
+
+
+def test_openai_stream_renderer_sends_partials_on_a_blank_canvas_and_completed_with_usage():
+    import base64
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from service.prompts import Task
+    from service.server.openai_images import OpenAIOutput
+    from service.server.render import OpenAIStreamRenderer, openai_error_event
+    from service.task import Finished, ImageProgress, ImageStart, Outcome, Usage
+
+    final = Image.new("RGB", (128, 128), (10, 200, 30))
+    out = Outcome("img-1", Task.X2I, [final], [b"png"], [], "", b"", Usage(40, 77, 64, 13, 16), "stop", 0.1, 1.0)
+    renderer = OpenAIStreamRenderer(OpenAIOutput("webp", 60, "medium", "image_edit", 1))
+    assert renderer.message(2, ImageStart(0, 128, 128), 7) is None
+    assert renderer.message(2, ImageProgress(0, 2, 8), 7) is None  # progress without a preview: nothing
+    partial = renderer.message(2, ImageProgress(0, 4, 8, Image.new("RGB", (128, 64), (250, 0, 0))), 7)
+    assert partial is not None and partial["event"] == "image_edit.partial_image"
+    data = json.loads(partial["data"])
+    assert {k: data[k] for k in ("type", "partial_image_index", "image_index", "size", "output_format", "quality",
+                                 "background", "created_at")} == {
+        "type": "image_edit.partial_image", "partial_image_index": 0, "image_index": 2, "size": "128x128",
+        "output_format": "webp", "quality": "medium", "background": "opaque", "created_at": 7}
+    im = Image.open(io.BytesIO(base64.b64decode(data["b64_json"])))
+    assert im.format == "WEBP" and im.size == (128, 128)
+    pixels = np.asarray(im.convert("RGB")).astype(int)
+    assert abs(pixels[100, 64] - 127).max() <= 8 and pixels[10, 64, 0] > 200  # drawn rows red, the rest blank
+    done = json.loads(renderer.message(2, Finished(out), 8)["data"])
+    assert done["type"] == "image_edit.completed" and "partial_image_index" not in done
+    assert done["usage"] == {"input_tokens": 40, "output_tokens": 77, "total_tokens": 117,
+                             "input_tokens_details": {"text_tokens": 24, "image_tokens": 16},
+                             "output_tokens_details": {"text_tokens": 13, "image_tokens": 64}}
+    error = json.loads(openai_error_event("engine broke", "generation_failed")["data"])
+    assert error["error"]["message"] == "engine broke"  # the shape the official client raises as APIError

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.server.docs import router as docs
 from service.server.errors import APIError, install_handlers
 from service.server.playground import router as playground
 from service.server.routes import api, system
@@ -33,7 +34,7 @@ ENDPOINT_LABELS = {
     "/v1/t2i": "t2i", "/v1/x2i": "x2i", "/v1/guidance": "guidance", "/v1/narrative": "narrative",
     "/v1/generate": "generate", "/v1/images/generations": "images_generations", "/v1/images/edits": "images_edits",
     "/v1/models": "models", "/v1/records": "records", "/health": "health", "/ready": "ready", "/metrics": "metrics",
-    "/": "playground",
+    "/": "playground", "/docs": "docs",
 }
 
 
@@ -42,6 +43,8 @@ def endpoint_label(path: str) -> str:
         return ENDPOINT_LABELS[path]
     if path.startswith("/v1/records/"):
         return "records"
+    if path.startswith("/docs/"):
+        return "docs"
     return "other"
 
 
@@ -134,6 +137,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         description="Emu3.5's own endpoints (JSON or server-sent events), an OpenAI-compatible image API, "
                     "and operations endpoints. Errors use one shape: {\"error\": {message, type, param, code}}.",
         lifespan=lifespan,
+        docs_url=None,  # served by service.server.docs from packaged assets, not a CDN
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.serving_generation = ServingGeneration(runtime)
@@ -142,6 +147,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(system)
     app.include_router(api)
     app.include_router(playground)
+    app.include_router(docs)
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes(settings))
     app.add_middleware(RequestMetricsMiddleware, runtime=runtime)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any
+from typing import Any, Mapping
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -52,11 +52,12 @@ async def require_json(request: Request) -> None:
 JSON_FORM_FIELDS = frozenset({"text_sampling", "image_sampling"})
 
 
-async def read_multipart(request: Request, file_fields: frozenset[str], max_files: int,
-                         max_bytes: int) -> tuple[dict[str, Any], list[str | bytes]]:
+async def read_multipart(request: Request, file_fields: frozenset[str], max_files: int, max_bytes: int,
+                         unsupported: Mapping[str, str] | None = None) -> tuple[dict[str, Any], list[str | bytes]]:
     """A multipart form → (scalar fields, file contents in order). Files may come under any name in
     ``file_fields`` (``image``, ``image[]``, …) as uploads (bytes) or as base64 / data-URL text (str);
-    a repeated scalar field is an error."""
+    a repeated scalar field is an error, and so is a field named in ``unsupported`` (file or text: a 400
+    with its message)."""
     if content_type(request) != "multipart/form-data":
         raise APIError(415, "send the request as application/json or multipart/form-data", "unsupported_media_type")
     try:
@@ -67,6 +68,8 @@ async def read_multipart(request: Request, file_fields: frozenset[str], max_file
     files: list[str | bytes] = []
     try:
         for name, value in form.multi_items():
+            if unsupported and name in unsupported:
+                raise bad_request(unsupported[name], "unsupported_value", name)
             if name in file_fields:
                 data = await value.read() if isinstance(value, UploadFile) else value
                 if isinstance(data, bytes) and len(data) > max_bytes:

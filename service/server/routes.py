@@ -21,6 +21,7 @@ from service.server.protocol import (
     ModelCard,
     ModelList,
     OpenAIImageEditParams,
+    OpenAIImageEvent,
     OpenAIImageParams,
     OpenAIImagesResponse,
     T2IRequest,
@@ -64,8 +65,27 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise validation_error(exc.errors(include_url=False)) from None
 
 
-def _multipart_openapi(model: type[BaseModel], files: str) -> dict[str, Any]:
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` written in place: a schema placed by hand in the OpenAPI
+    document cannot keep pydantic's ``#/$defs/…`` references (ReDoc and Swagger UI fail to resolve them)."""
     schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+def _multipart_openapi(model: type[BaseModel], files: str) -> dict[str, Any]:
+    schema = _inline_schema(model)
     schema["properties"][files] = {"type": "array", "items": {"type": "string", "format": "binary"}}
     return {"requestBody": {"content": {"multipart/form-data": {"schema": schema}}, "required": True}}
 
@@ -124,7 +144,7 @@ async def t2i(body: T2IRequest, request: Request) -> Response:
 @api.post("/x2i", tags=["emu3.5"], summary=f"edit / compose from 1–{MAX_REFERENCE_IMAGES} reference images (JSON or multipart)",
           response_model=GenerationResponse, responses=_GENERATION_RESPONSES,
           openapi_extra={"requestBody": {"content": {
-              "application/json": {"schema": X2IRequest.model_json_schema()},
+              "application/json": {"schema": _inline_schema(X2IRequest)},
               **_multipart_openapi(X2IRequest, "images")["requestBody"]["content"]}, "required": True}})
 async def x2i(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
@@ -166,21 +186,29 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
 # ---- OpenAI-compatible image API ------------------------------------------------------------------
 
 
-@api.post("/images/generations", tags=["openai"], summary="OpenAI: create an image",
-          response_model=OpenAIImagesResponse, responses=_ERRORS, dependencies=[Depends(require_json)])
+_OPENAI_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the images (JSON), or with `stream: true` server-sent events: `<family>.partial_image` "
+                         "(`partial_images` per image, spread over its rows) then `<family>.completed` with `usage`, "
+                         "per image; the family is image_generation or image_edit (schema: OpenAIImageEvent)",
+          "content": {"text/event-stream": {"schema": _inline_schema(OpenAIImageEvent)}}},
+    **_ERRORS,
+}
+_MASK = "masks are not supported: describe the edit in the prompt"
+
+
+@api.post("/images/generations", tags=["openai"], summary="OpenAI: create an image (JSON or streamed)",
+          response_model=OpenAIImagesResponse, responses=_OPENAI_RESPONSES, dependencies=[Depends(require_json)])
 async def images_generations(body: OpenAIImageParams, request: Request) -> Response:
     return await _openai(request).create("images_generations", Task.T2I, body, [], request)
 
 
-@api.post("/images/edits", tags=["openai"], summary="OpenAI: edit images (multipart)",
-          response_model=OpenAIImagesResponse, responses=_ERRORS,
+@api.post("/images/edits", tags=["openai"], summary="OpenAI: edit images (multipart; JSON or streamed answer)",
+          response_model=OpenAIImagesResponse, responses=_OPENAI_RESPONSES,
           openapi_extra=_multipart_openapi(OpenAIImageEditParams, "image"))
 async def images_edits(request: Request) -> Response:
     s = request.app.state.runtime.settings
-    fields, images = await read_multipart(request, frozenset({"image", "image[]"}), max_files=MAX_REFERENCE_IMAGES + 1,
-                                          max_bytes=s.max_image_bytes)
-    if "mask" in fields:
-        raise APIError(400, "masks are not supported: describe the edit in the prompt", "unsupported_value", "mask")
+    fields, images = await read_multipart(request, frozenset({"image", "image[]"}), max_files=MAX_REFERENCE_IMAGES + 2,
+                                          max_bytes=s.max_image_bytes, unsupported={"mask": _MASK})
     body = _validate(OpenAIImageEditParams, fields)
     if not 1 <= len(images) <= MAX_REFERENCE_IMAGES:
         raise APIError(400, f"send 1 to {MAX_REFERENCE_IMAGES} images (field 'image' or 'image[]'), got {len(images)}",

@@ -3,7 +3,9 @@
 :meth:`ServingBase.create` owns the whole sequence: accept → the subclass's inputs → admit (one slot per
 generation) → prepare → run, watching the connection → the subclass's rendering → release of every
 slot, whatever happens. Subclasses supply :meth:`job` (validate fields, decode uploads, name the
-generations) and :meth:`render` (the JSON answer); a streamed job is rendered by :meth:`stream`.
+generations) and :meth:`render` (the JSON answer); a streamed job is rendered by :meth:`stream` and
+:meth:`render_event`. A streamed job of several generations admits and prepares all of them before the
+response starts (so every error is still a 4xx status), then runs them side by side as one stream.
 """
 
 from __future__ import annotations
@@ -26,11 +28,24 @@ from service.server.image_io import image_bytes_from_text, open_image
 from service.server.limiter import Overloaded, Slot
 from service.server.protocol import SamplingOverrides
 from service.server.runtime import Runtime
-from service.task import Finished, GenerationInput, GenerationRunner, Outcome, PlanError, Prepared, SamplingOverride
+from service.server.streams import merge_streams
+from service.task import (
+    Finished,
+    GenerationInput,
+    GenerationRunner,
+    Outcome,
+    PlanError,
+    Prepared,
+    PreviewSchedule,
+    SamplingOverride,
+)
 
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between keep-alive comments on an idle stream (proxies drop silent connections).
+SSE_PING_SECONDS = 15
 
 
 class ClientDisconnected(Exception):
@@ -61,8 +76,16 @@ class Job:
     inputs: list[GenerationInput]
     id_prefix: str = "gen"
     stream: bool = False
-    preview_every_rows: int | None = None
-    options: Any = None  # the subclass's own rendering options (its parsed request)
+    previews: PreviewSchedule | None = None
+    options: Any = None  # the subclass's own rendering options (its parsed request, per-stream state)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A generation that holds an admission slot and is ready to run."""
+
+    slot: Slot
+    prepared: Prepared
 
 
 async def run_cancellable(request: Request, work: Awaitable[T], runtime: Runtime, request_id: str) -> T:
@@ -109,9 +132,8 @@ class ServingBase:
         self.ensure_accepting()
         job = await self.job(endpoint, task, params, images, request)
         if job.stream:
-            (gen,) = job.inputs
-            slot, prepared = await self._admit_and_prepare(gen, job.id_prefix)
-            return self.stream(job, prepared, self._events(job, prepared, slot))
+            admitted = await self._admit_all(job)
+            return self.stream(job, admitted, self._events(job, admitted))
         try:
             async with asyncio.TaskGroup() as group:
                 runs = [group.create_task(self._run(request, job, gen)) for gen in job.inputs]
@@ -131,13 +153,18 @@ class ServingBase:
         """The JSON answer of finished generations (subclasses)."""
         raise NotImplementedError
 
-    def stream(self, job: Job, prepared: Prepared, events: AsyncIterator[Any]) -> Response:
+    def stream(self, job: Job, admitted: list[Admitted], events: AsyncIterator[dict[str, str]]) -> Response:
         """The streamed answer (subclasses that stream)."""
         raise APIError(400, "this endpoint does not stream", "unsupported_value", "stream")
 
-    async def render_event(self, job: Job, ev: Any) -> dict[str, str]:
-        """One run event as an SSE message (subclasses that stream)."""
+    async def render_event(self, job: Job, index: int, ev: Any) -> dict[str, str] | None:
+        """One run event of generation ``index`` as an SSE message, or None to send nothing (subclasses
+        that stream)."""
         raise NotImplementedError
+
+    def error_event(self, job: Job, message: str, code: str) -> dict[str, str]:
+        """A failure after the stream started, as an SSE message (the Emu3.5 shape by default)."""
+        return {"event": "error", "data": json.dumps({"message": message, "code": code})}
 
     # ---- steps -------------------------------------------------------------------------------------
     def _runner(self) -> GenerationRunner:
@@ -165,6 +192,19 @@ class ServingBase:
             return open_image(raw, s.max_image_bytes, s.max_image_pixels, name)
 
         return await asyncio.to_thread(lambda: [one(i, x) for i, x in enumerate(images)])
+
+    async def _admit_all(self, job: Job) -> list[Admitted]:
+        """Admit and prepare every generation of a streamed job at once; if any fails, free the others'
+        slots and raise its error (before the response starts)."""
+        results = await asyncio.gather(*(self._admit_and_prepare(g, job.id_prefix) for g in job.inputs),
+                                       return_exceptions=True)
+        admitted = [Admitted(*r) for r in results if isinstance(r, tuple)]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for a in admitted:
+                a.slot.release()
+            raise failures[0]
+        return admitted
 
     async def _admit_and_prepare(self, gen: GenerationInput, id_prefix: str) -> tuple[Slot, Prepared]:
         rid = new_request_id(id_prefix)
@@ -200,29 +240,36 @@ class ServingBase:
         await self._finish(endpoint, result)
         return result
 
-    async def _events(self, job: Job, prepared: Prepared, slot: Slot) -> AsyncIterator[dict[str, str]]:
-        """A streamed run as SSE messages; the slot is released when the stream ends, however it ends."""
-        rid = prepared.request.request_id
+    async def _events(self, job: Job, admitted: list[Admitted]) -> AsyncIterator[dict[str, str]]:
+        """Streamed runs as SSE messages; every slot is released when the stream ends, however it ends."""
+        rids = [a.prepared.request.request_id for a in admitted]
         task = asyncio.current_task()
-        if task is not None:
-            self.rt.inflight[rid] = task
+        for rid in rids:
+            if task is not None:
+                self.rt.inflight[rid] = task
         try:
-            async with contextlib.aclosing(self._runner().run(prepared, job.preview_every_rows)) as events:
-                async for ev in events:
+            runner = self._runner()
+            runs = [runner.run(a.prepared, job.previews) for a in admitted]
+            async with contextlib.aclosing(merge_streams(runs)) as events:
+                async for index, ev in events:
                     if isinstance(ev, Finished):
                         await self._finish(job.endpoint, ev.outcome)
-                    yield await self.render_event(job, ev)
+                    message = await self.render_event(job, index, ev)
+                    if message is not None:
+                        yield message
         except asyncio.CancelledError:
             if self.rt.state not in ("draining", "stopped"):
                 self.rt.metrics.disconnects.inc()
             raise
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            logger.exception("generation %s failed mid-stream", rid)
+            logger.exception("generation %s failed mid-stream", ",".join(rids))
             code = exc.code if isinstance(exc, APIError) else "generation_failed"
-            yield {"event": "error", "data": json.dumps({"message": f"{type(exc).__name__}: {exc}", "code": code})}
+            yield self.error_event(job, f"{type(exc).__name__}: {exc}", code)
         finally:
-            self.rt.inflight.pop(rid, None)
-            slot.release()
+            for rid in rids:
+                self.rt.inflight.pop(rid, None)
+            for a in admitted:
+                a.slot.release()
 
     async def _finish(self, endpoint: str, out: Outcome) -> None:
         """Metrics and the record file of a finished generation."""

@@ -21,11 +21,8 @@ from sse_starlette import EventSourceResponse
 from service.prompts import Task
 from service.server.protocol import GenerationParams
 from service.server.render import done_event, generation_body, sse_message
-from service.server.serving_base import Job, ServingBase, now, sampling_override
-from service.task import Finished, GenerationInput, GenerationOptions, Outcome, Prepared
-
-#: Seconds between keep-alive comments on an idle stream (proxies drop silent connections).
-SSE_PING_SECONDS = 15
+from service.server.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
+from service.task import Finished, GenerationInput, GenerationOptions, Outcome, PreviewSchedule
 
 
 def wants_stream(params: GenerationParams, request: Request) -> bool:
@@ -41,7 +38,8 @@ class ServingGeneration(ServingBase):
             seed=params.seed, image_area=params.image_area, variant=self.variant)
         pictures = await self.decode_images(images, "images")
         return Job(endpoint, [GenerationInput(task, params.prompt, tuple(pictures), options)],
-                   stream=wants_stream(params, request), preview_every_rows=params.preview_every_rows,
+                   stream=wants_stream(params, request),
+                   previews=PreviewSchedule.every(params.preview_every_rows) if params.preview_every_rows else None,
                    options=params)
 
     async def render(self, job: Job, outcomes: list[Outcome]) -> Response:
@@ -49,11 +47,12 @@ class ServingGeneration(ServingBase):
         body = await asyncio.to_thread(generation_body, out, self.rt.settings.served_model_name, now())
         return JSONResponse(body, headers={"X-Request-Id": out.request_id})
 
-    def stream(self, job: Job, prepared: Prepared, events: AsyncIterator[Any]) -> Response:
+    def stream(self, job: Job, admitted: list[Admitted], events: AsyncIterator[dict[str, str]]) -> Response:
+        (one,) = admitted
         return EventSourceResponse(events, ping=SSE_PING_SECONDS,
-                                   headers={"X-Request-Id": prepared.request.request_id})
+                                   headers={"X-Request-Id": one.prepared.request.request_id})
 
-    async def render_event(self, job: Job, ev: Any) -> dict[str, str]:
+    async def render_event(self, job: Job, index: int, ev: Any) -> dict[str, str]:
         if isinstance(ev, Finished):
             out = ev.outcome
             url = f"/v1/records/{out.request_id}" if self.rt.records is not None else None

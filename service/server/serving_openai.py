@@ -1,24 +1,43 @@
 """OpenAI's image API (``/v1/images/generations``, ``/v1/images/edits``) on Emu3.5's T2I and X2I,
-so the official ``openai`` client works unchanged. ``n`` images are ``n`` generations run side by side
-(seeds ``seed``, ``seed+1``, … when a seed is given); each takes an admission slot."""
+so the official ``openai`` client works unchanged, streaming included.
+
+``n`` images are ``n`` guided generations run side by side (seeds ``seed``, ``seed+1``, … when a seed
+is given), each taking an admission slot, as JSON or as one merged stream. What each OpenAI field maps
+to is decided in :mod:`service.server.openai_images`. Unknown fields are accepted and logged.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
 
 from service.prompts import Task
 from service.server.errors import APIError, bad_request
+from service.server.openai_images import DEFAULT_COMPRESSION, OpenAIOutput, quality_preset, size_spec
 from service.server.protocol import OpenAIImageParams
-from service.server.render import openai_images_body
-from service.server.serving_base import Job, ServingBase, now, sampling_override
-from service.task import GenerationInput, GenerationOptions, Outcome
+from service.server.render import OpenAIStreamRenderer, openai_error_event, openai_images_body
+from service.server.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
+from service.task import GenerationInput, GenerationOptions, Outcome, PreviewSchedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenAIJob:
+    """The rendering side of one OpenAI request: the output style, and the stream's renderer."""
+
+    output: OpenAIOutput
+    renderer: OpenAIStreamRenderer
 
 
 class ServingOpenAIImages(ServingBase):
-    def _check(self, p: OpenAIImageParams) -> None:
+    def _check(self, endpoint: str, p: OpenAIImageParams) -> None:
         name = self.rt.settings.served_model_name
         if p.model is not None and p.model != name:
             raise APIError(404, f"the model {p.model!r} does not exist; this service serves {name!r}",
@@ -27,17 +46,17 @@ class ServingOpenAIImages(ServingBase):
             raise bad_request("response_format 'url' is not supported; images are returned as b64_json",
                               "unsupported_value", "response_format")
         if p.background == "transparent":
-            raise bad_request("transparent backgrounds are not supported", "unsupported_value", "background")
-        if p.stream:
-            raise bad_request("streaming is not supported here; use /v1/t2i or /v1/x2i with stream=true",
-                              "unsupported_value", "stream")
+            raise bad_request("transparent backgrounds are not supported: Emu3.5 draws opaque images",
+                              "unsupported_value", "background")
+        unknown = p.unknown_fields()
+        if unknown:
+            logger.info("%s: accepted and ignored unknown fields %s", endpoint, ", ".join(unknown))
 
     async def job(self, endpoint: str, task: Task, p: OpenAIImageParams, images: list[str | bytes],
                   request: Request) -> Job:
-        self._check(p)
-        size = None if p.size in (None, "auto") else p.size
-        if size is None and task is Task.X2I:
-            size = "match_reference"
+        self._check(endpoint, p)
+        size = size_spec(p.size, task)
+        quality, area_scale = quality_preset(p.quality)
         pictures = tuple(await self.decode_images(list(images), "image"))
         inputs = []
         for i in range(p.n):
@@ -45,9 +64,30 @@ class ServingOpenAIImages(ServingBase):
             options = GenerationOptions(
                 size=size, cfg_scale=p.guidance_scale, max_new_tokens=p.max_new_tokens,
                 text=sampling_override(p.text_sampling), image=sampling_override(p.image_sampling),
-                seed=seed, image_area=p.image_area, variant=self.variant)
+                seed=seed, image_area=p.image_area, variant=self.variant, area_scale=area_scale,
+                fit_size_to_area=True)
             inputs.append(GenerationInput(task, p.prompt, pictures, options))
-        return Job(endpoint, inputs, id_prefix="img", options=p)
+        partials = p.partial_images or 0
+        output = OpenAIOutput(p.output_format or "png", DEFAULT_COMPRESSION if p.output_compression is None
+                              else p.output_compression, quality,
+                              "image_edit" if task is Task.X2I else "image_generation", partials)
+        return Job(endpoint, inputs, id_prefix="img", stream=bool(p.stream),
+                   previews=PreviewSchedule.spread(partials) if partials else None,
+                   options=OpenAIJob(output, OpenAIStreamRenderer(output)))
 
     async def render(self, job: Job, outcomes: list[Outcome]) -> Response:
-        return JSONResponse(await asyncio.to_thread(openai_images_body, outcomes, job.options, now()))
+        body = await asyncio.to_thread(openai_images_body, outcomes, job.options.output, now())
+        return JSONResponse(body)
+
+    def stream(self, job: Job, admitted: list[Admitted], events: AsyncIterator[dict[str, str]]) -> Response:
+        ids = ",".join(a.prepared.request.request_id for a in admitted)
+        return EventSourceResponse(events, ping=SSE_PING_SECONDS, headers={"X-Request-Id": ids})
+
+    async def render_event(self, job: Job, index: int, ev: Any) -> dict[str, str] | None:
+        renderer: OpenAIStreamRenderer = job.options.renderer
+        if not renderer.encodes(ev):  # nothing to encode: no thread hop for each row drawn
+            return renderer.message(index, ev, now())
+        return await asyncio.to_thread(renderer.message, index, ev, now())
+
+    def error_event(self, job: Job, message: str, code: str) -> dict[str, str]:
+        return openai_error_event(message, code)

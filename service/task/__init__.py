@@ -18,6 +18,7 @@ from service.task.events import (
     Usage,
 )
 from service.task.planner import GenerationOptions, Plan, PlanError, build_request, plan_request, resolve
+from service.task.previews import PreviewSchedule
 from service.task.resources import build_engine, load_tokenizer, start_vq_worker
 from service.task.runner import AnswerBuilder, GenerationInput, GenerationRunner, ImageCodecAsync, Prepared
 from service.tokenizer import Emu35Tokenizer
@@ -42,6 +43,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "Prepared",
+    "PreviewSchedule",
     "RunEvent",
     "SamplingOverride",
     "SamplingSettings",

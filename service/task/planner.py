@@ -13,8 +13,21 @@ from typing import Sequence
 
 import numpy as np
 
-from service.limits import MAX_REFERENCE_IMAGES
-from service.prompts import ModelVariant, Task, build_prompts, defaults_for, parse_size_spec, resolve_target_grid
+from service.limits import MAX_REFERENCE_IMAGES, MIN_IMAGE_AREA
+from service.prompts import (
+    ExplicitGrid,
+    ModelVariant,
+    SizeSpec,
+    Task,
+    build_prompts,
+    defaults_for,
+    fit_grid_to_area,
+    grid_for_pixels,
+    is_pixel_size,
+    parse_size,
+    parse_size_spec,
+    resolve_target_grid,
+)
 from service.tokenizer import Emu35Tokenizer
 from service.types import GenerationRequest, SamplingOverride, SamplingSettings
 
@@ -40,6 +53,11 @@ class GenerationOptions:
     seed: int | None = None
     image_area: int | None = None  # pixels; reference images are resized to it, sizes scale with it
     variant: ModelVariant = ModelVariant.EMU35
+    #: A fraction of the default image area (OpenAI's quality presets); ``image_area`` wins over it.
+    area_scale: float = 1.0
+    #: An explicit WxH larger than the image area is scaled down to the nearest grid of its aspect within
+    #: the area (OpenAI's sizes), instead of being drawn as asked.
+    fit_size_to_area: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,7 @@ class Plan:
     max_new_tokens_given: bool
     stop: str  # "eoi" | "eos"
     seed: int | None
+    fit_size_to_area: bool = False
     metadata: dict = field(default_factory=dict, compare=False)
 
 
@@ -80,7 +99,7 @@ def resolve(task: Task | str, options: GenerationOptions, service_image_area: in
     small images); a request's own ``image_area`` still wins."""
     task = Task(task)
     d = defaults_for(task, options.variant)
-    area = options.image_area or service_image_area or d.image_area
+    area = options.image_area or max(MIN_IMAGE_AREA, round((service_image_area or d.image_area) * options.area_scale))
     return Plan(
         task=task,
         image_area=area,
@@ -94,6 +113,7 @@ def resolve(task: Task | str, options: GenerationOptions, service_image_area: in
         max_new_tokens_given=options.max_new_tokens is not None,
         stop=d.stop,
         seed=options.seed,
+        fit_size_to_area=options.fit_size_to_area,
     )
 
 
@@ -116,6 +136,23 @@ def plan_request(tok: Emu35Tokenizer, task: Task | str, question: str, reference
                          max_model_len)
 
 
+def _target_grid(plan: Plan, reference_grids: Sequence[np.ndarray]) -> tuple[int, int] | None:
+    """The grid every image is forced to (None: the model writes the header); raises PlanError on ``size``."""
+    try:
+        spec: SizeSpec
+        if plan.size and plan.fit_size_to_area and is_pixel_size(plan.size):
+            spec = ExplicitGrid(*fit_grid_to_area(grid_for_pixels(*parse_size(plan.size), max_side=None),
+                                                  plan.image_area))
+        elif plan.size:
+            spec = parse_size_spec(plan.size, plan.image_area)
+        else:
+            spec = parse_size_spec(plan.default_size_with_images if reference_grids else plan.default_size,
+                                   plan.image_area)
+        return resolve_target_grid(spec, [g.shape for g in reference_grids])
+    except (ValueError, TypeError) as exc:
+        raise PlanError(str(exc), "size") from exc
+
+
 def build_request(tok: Emu35Tokenizer, plan: Plan, question: str, reference_grids: Sequence[np.ndarray],
                   request_id: str, max_model_len: int | None = None) -> GenerationRequest:
     """The engine request of ``plan``: prompts, the image size and the token budget.
@@ -126,26 +163,24 @@ def build_request(tok: Emu35Tokenizer, plan: Plan, question: str, reference_grid
     check_reference_count(len(reference_grids))
     try:
         prompts = build_prompts(tok, plan.task, question, reference_grids)
-        if plan.size:
-            spec = parse_size_spec(plan.size, plan.image_area)
-        else:
-            spec = parse_size_spec(plan.default_size_with_images if reference_grids else plan.default_size,
-                                   plan.image_area)
-        target = resolve_target_grid(spec, [g.shape for g in reference_grids])
     except (ValueError, TypeError) as exc:
         raise PlanError(str(exc)) from exc
+    target = _target_grid(plan, reference_grids)
+    need = image_token_count(*target) if plan.task in (Task.T2I, Task.X2I) and target is not None else None
     max_new = plan.max_new_tokens
-    if max_model_len is not None and not plan.max_new_tokens_given:
-        room = max_model_len - max(len(prompts.cond), len(prompts.uncond))
-        if room < 1:
-            raise PlanError(f"the prompt ({len(prompts.cond)} tokens) leaves no room in the model's context "
-                            f"of {max_model_len} tokens")
-        max_new = min(max_new, room)
-    if plan.task in (Task.T2I, Task.X2I) and target is not None:
-        need = image_token_count(*target)
-        if max_new < need:
-            raise PlanError(f"max_new_tokens {max_new} cannot hold a {target[0]}×{target[1]}-token image "
-                            f"({need} tokens)", "max_new_tokens")
+    if not plan.max_new_tokens_given:
+        if need is not None:  # the default budget grows to hold the forced image (e.g. 1536x1024 px)
+            max_new = max(max_new, need)
+        if max_model_len is not None:
+            room = max_model_len - max(len(prompts.cond), len(prompts.uncond))
+            if room < 1:
+                raise PlanError(f"the prompt ({len(prompts.cond)} tokens) leaves no room in the model's context "
+                                f"of {max_model_len} tokens")
+            max_new = min(max_new, room)
+    if need is not None and max_new < need:
+        assert target is not None
+        raise PlanError(f"max_new_tokens {max_new} cannot hold a {target[0]}×{target[1]}-token image "
+                        f"({need} tokens)", "max_new_tokens" if plan.max_new_tokens_given else "size")
     stop = (tok.ids.eoi,) if plan.stop == "eoi" else (tok.ids.eos,)
     return GenerationRequest(
         request_id=request_id,

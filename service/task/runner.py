@@ -38,6 +38,7 @@ from service.task.events import (
     Usage,
 )
 from service.task.planner import GenerationOptions, PlanError, build_request, check_reference_count, resolve
+from service.task.previews import PreviewSchedule
 from service.token_layout import (
     GlobalCotSegment,
     ImageCotSegment,
@@ -124,7 +125,7 @@ class _Run:
     """Everything one running generation accumulates, in one place."""
 
     prepared: Prepared
-    preview_every_rows: int | None
+    previews: PreviewSchedule | None
     downsample: int
     started: float = field(default_factory=time.perf_counter)
     ids: list[int] = field(default_factory=list)
@@ -132,7 +133,8 @@ class _Run:
     image_seconds: list[float] = field(default_factory=list)
     image_started: dict[int, float] = field(default_factory=dict)
     grids: dict[int, tuple[int, int]] = field(default_factory=dict)
-    rows: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    rows: dict[int, list[np.ndarray]] = field(default_factory=dict)  # kept only while a preview is due
+    preview_rows: dict[int, tuple[int, ...]] = field(default_factory=dict)
     ttft: float | None = None
     reason: str = "abort"
 
@@ -161,9 +163,11 @@ class GenerationRunner:
 
     # ---- running ------------------------------------------------------------------------------
     async def run(self, prepared: Prepared,
-                  preview_every_rows: int | None = None) -> AsyncGenerator[RunEvent, None]:
-        """Drive one generation; the last event is :class:`Finished`. Closing early aborts it."""
-        run = _Run(prepared, preview_every_rows, self.vq.downsample)
+                  previews: PreviewSchedule | None = None) -> AsyncGenerator[RunEvent, None]:
+        """Drive one generation; the last event is :class:`Finished`. Closing early aborts it.
+
+        ``previews`` names the rows at which an image's rows so far are decoded into a preview."""
+        run = _Run(prepared, previews, self.vq.downsample)
         parser = StreamParser(self.tok)
         stream = self.engine.generate(prepared.request)
         try:
@@ -196,26 +200,38 @@ class GenerationRunner:
             run.image_started[ev.index] = time.perf_counter()
             run.grids[ev.index] = (ev.height, ev.width)
             run.rows[ev.index] = []
+            run.preview_rows[ev.index] = run.previews.rows(ev.height) if run.previews else ()
             yield ImageStart(ev.index, ev.width * f, ev.height * f)
         elif isinstance(ev, ImageRows):
-            total = run.grids[ev.index][0]
-            preview = None
-            every = run.preview_every_rows
-            if every:
-                run.rows[ev.index].append(np.asarray(ev.new_rows))
-                before = ev.rows_done - len(ev.new_rows)
-                if ev.rows_done // every > before // every and ev.rows_done < total:
-                    (preview,) = await self.vq.decode([np.concatenate(run.rows[ev.index], axis=0)])
-            yield ImageProgress(ev.index, ev.rows_done, total, preview)
+            async for progress in self._progress(run, ev):
+                yield progress
         elif isinstance(ev, ImageDone):
             (image,) = await self.vq.decode([np.asarray(ev.codes)])
             png = await asyncio.to_thread(encode_png, image, PNG_COMPRESS_LEVEL)
             run.answer.add_image(image, png)
             run.rows.pop(ev.index, None)
+            run.preview_rows.pop(ev.index, None)
             run.image_seconds.append(time.perf_counter() - run.image_started.pop(ev.index, time.perf_counter()))
             yield ImageReady(ev.index, image, png)
         elif isinstance(ev, SegmentDone):
             run.answer.add_segment(ev.segment)
+
+    async def _progress(self, run: _Run, ev: ImageRows) -> AsyncIterator[ImageProgress]:
+        """Rows done → progress, with a preview at each scheduled row these rows passed (decoded from
+        exactly the rows up to it, all in one VQ call, whatever the engine's chunking)."""
+        total = run.grids[ev.index][0]
+        scheduled = run.preview_rows.get(ev.index, ())
+        before = ev.rows_done - len(ev.new_rows)
+        if scheduled and before < scheduled[-1]:
+            run.rows[ev.index].append(np.asarray(ev.new_rows))
+        due = [r for r in scheduled if before < r <= ev.rows_done]
+        if due:
+            done = np.concatenate(run.rows[ev.index], axis=0)
+            previews = await self.vq.decode([done[:r] for r in due])
+            for r, preview in zip(due, previews):
+                yield ImageProgress(ev.index, r, total, preview)
+        if not due or due[-1] != ev.rows_done:
+            yield ImageProgress(ev.index, ev.rows_done, total, None)
 
     async def _outcome(self, run: _Run) -> Outcome:
         gen, req = run.prepared.input, run.prepared.request
