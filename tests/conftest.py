@@ -57,3 +57,13 @@ def tiny_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir) -> Emu35Tokenizer:
     return Emu35Tokenizer.from_dir(tiny_dir / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a8() -> Path:
+    """The tiny model as bf16 (``bf16/``) and quantised by ``python -m service quantize`` (``w8a8/``), with
+    the quantiser's log; built once and cached (needs msModelSlim: the ``quant`` extra)."""
+    pytest.importorskip("msmodelslim", reason="msModelSlim is not installed (the test command installs the quant extra)")
+    from service.tiny.w8a8 import ensure_tiny_w8a8
+
+    return ensure_tiny_w8a8()

@@ -18,6 +18,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.server.runtime import Runtime
+from service.lm_checkpoint import CheckpointError
 from service.server.settings import Settings, load_settings
 
 logger = logging.getLogger("service.server")
@@ -58,11 +59,25 @@ def prepare_settings(settings: Settings) -> Settings:
     return settings
 
 
+def check_model(settings: Settings) -> None:
+    """Refuse, before anything starts, a W8A8 checkpoint that is inconsistent or cannot be served here."""
+    from service.quant.serving import check_w8a8
+
+    if check_w8a8(settings.model, settings.quantization) and settings.engine_kind != "vllm":
+        raise CheckpointError(f"{settings.model} is an msModelSlim W8A8 checkpoint: it needs the vllm engine "
+                              f"(--engine {settings.engine} cannot serve it)")
+
+
 def serve(settings: Settings) -> int:
     from service.server.app import create_app, describe
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = prepare_settings(settings)
+    try:
+        check_model(settings)
+    except CheckpointError as exc:
+        print(f"emu35-serve: --model: {exc}", file=sys.stderr)
+        return 2
     logger.info("settings: %s", json.dumps(describe(settings)))
     runtime = Runtime(settings)
     app = create_app(settings, runtime)

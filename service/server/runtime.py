@@ -34,13 +34,16 @@ def build_engine(settings: Settings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
     if settings.engine_kind == "vllm":
         from service.engine.config import VllmEngineConfig
         from service.engine.vllm_engine import VllmEngine
+        from service.quant.serving import engine_model
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # only read by the CPU build (GiB)
+        # an msModelSlim W8A8 checkpoint: 'ascend' with vllm-ascend, else its compressed-tensors form
+        served = engine_model(settings.model, settings.quantization, settings.resolved_w8a8_cache_dir)
         cfg = VllmEngineConfig(
-            model=str(settings.model), tokenizer=str(settings.tokenizer_dir),
+            model=str(served.path), tokenizer=str(settings.tokenizer_dir),
             tensor_parallel_size=settings.tensor_parallel_size, dtype=settings.dtype,
             max_model_len=settings.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_pairs=settings.max_concurrent, quantization=settings.quantization,
+            max_pairs=settings.max_concurrent, quantization=served.quantization,
             graph_mode="eager" if settings.enforce_eager else "auto")
         return VllmEngine(cfg)
     from service.engine.async_reference import AsyncReferenceEngine
