@@ -133,16 +133,17 @@ def check_description(config: Emu3Config, types: dict[str, str], tensors: dict[s
     shapes = expected_linear_shapes(config)
     for layer in range(config.raw["num_hidden_layers"]):
         base = f"model.layers.{layer}"
-        for linear, shape in shapes.items():
+        for linear in shapes:
             if f"{base}.{linear}.weight" not in types:
                 raise DescriptionError(f"{base}.{linear}.weight is missing")
-            _check_linear(f"{base}.{linear}", types[f"{base}.{linear}.weight"], shape, tensors)
         for fused, parts in FUSED_GROUPS.items():
             kinds = {p: types[f"{base}.{p}.weight"] for p in parts}
             if len(set(kinds.values())) > 1:
                 listed = ", ".join(f"{base}.{p}.weight={k}" for p, k in kinds.items())
                 raise DescriptionError(f"{base}.{fused} fuses parts of different types ({listed}); "
                                        "they must share one type")
+        for linear, shape in shapes.items():
+            _check_linear(f"{base}.{linear}", types[f"{base}.{linear}.weight"], shape, tensors)
 
 
 def load_checkpoint(path: str | Path) -> W8A8Checkpoint:
