@@ -84,7 +84,8 @@ class Emu35ModelAdapter(Qwen3ModelAdapter, AscendV1SaveInterface):
     def _load_config(self, trust_remote_code: bool = False) -> Qwen3Config:
         emu3 = Emu3Config.from_dir(self.model_path)
         kwargs = emu3.qwen3_kwargs()
-        dtype = emu3.raw.get("torch_dtype") or emu3.raw.get("dtype") or "bfloat16"
+        # a torch.dtype, not its name: transformers 4.x calls dtype methods on it while loading
+        dtype = getattr(torch, str(emu3.raw.get("torch_dtype") or emu3.raw.get("dtype") or "bfloat16"))
         config = Qwen3Config(**kwargs)
         config.torch_dtype = dtype
         for name, value in emu3.token_ids.items():
