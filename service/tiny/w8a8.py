@@ -74,7 +74,7 @@ def make_tiny_w8a8(out_dir: Path, tiny: Path) -> Path:
 
 
 def ensure_tiny_w8a8() -> Path:
-    """The cached folder (``bf16/``, ``w8a8/``, ``quantize.log``), built on first use (~15 s on 2 cores)."""
+    """The cached folder (``bf16/``, ``w8a8/``, ``quantize.log``), built on first use (≈ 15 s on 2 cores)."""
     tiny = ensure_tiny()
     out = default_cache_dir().parent / f"tiny-v{TINY_VERSION}-w8a8-v{W8A8_VERSION}"
     try:
