@@ -114,7 +114,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"tiny model (bf16, 2 layers, vocabulary 282,926), python -m service quantize --device cpu:")
+    print("tiny model (bf16, 2 layers, vocabulary 282,926), python -m service quantize --device cpu:")
     print(f"  time {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB")
     print(f"  weights on disk: bf16 {disk['bf16_weights']:,} B → W8A8 {disk['w8a8_weights']:,} B "
           f"({disk['w8a8_weights'] / disk['bf16_weights']:.3f}×); folders {disk['bf16_folder']:,} B → "

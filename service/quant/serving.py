@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.lm_checkpoint import CheckpointError
-from service.quant.description import is_msmodelslim_checkpoint, load_checkpoint
+from service.quant.description import W8A8Checkpoint, is_msmodelslim_checkpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +37,31 @@ def vllm_ascend_available() -> bool:
     return importlib.util.find_spec("vllm_ascend") is not None
 
 
-def check_w8a8(model: Path, quantization: str | None) -> bool:
-    """True when ``model`` is an msModelSlim checkpoint (checked: raises naming the tensor); refuses a
-    ``quantization`` setting that cannot serve it."""
+def check_w8a8(model: Path, quantization: str | None) -> W8A8Checkpoint | None:
+    """The checked checkpoint when ``model`` is an msModelSlim export (else None); raises naming the
+    tensor when it is inconsistent, and refuses a ``quantization`` setting that cannot serve it."""
     if not is_msmodelslim_checkpoint(model):
-        return False
-    load_checkpoint(model)
+        return None
+    checkpoint = load_checkpoint(model)
     if quantization not in (None, ASCEND):
         raise CheckpointError(f"{model} is an msModelSlim W8A8 checkpoint; leave --quantization unset "
                               f"(it is detected) instead of {quantization!r}")
     if quantization == ASCEND and not vllm_ascend_available():
         raise CheckpointError("--quantization ascend needs vllm-ascend, which is not installed here; "
                               "leave it unset to serve the checkpoint through vLLM's int8 path")
-    return True
+    return checkpoint
 
 
 def engine_model(model: Path, quantization: str | None, cache_root: Path) -> EngineModel:
     """The model folder and quantisation the engine is given (module docstring)."""
-    if not check_w8a8(model, quantization):
+    checkpoint = check_w8a8(model, quantization)
+    if checkpoint is None:
         return EngineModel(model, quantization)
     if vllm_ascend_available():
         logger.info("%s: msModelSlim W8A8 checkpoint, served with quantization=%r (vllm-ascend)", model, ASCEND)
         return EngineModel(model, ASCEND)
     from service.quant.compressed_tensors import converted
 
-    path = converted(load_checkpoint(model), cache_root)
+    path = converted(checkpoint, cache_root)
     logger.info("%s: msModelSlim W8A8 checkpoint, served as compressed-tensors int8 from %s", model, path)
     return EngineModel(path, None)

@@ -63,7 +63,7 @@ def check_model(settings: Settings) -> None:
     """Refuse, before anything starts, a W8A8 checkpoint that is inconsistent or cannot be served here."""
     from service.quant.serving import check_w8a8
 
-    if check_w8a8(settings.model, settings.quantization) and settings.engine_kind != "vllm":
+    if check_w8a8(settings.model, settings.quantization) is not None and settings.engine_kind != "vllm":
         raise CheckpointError(f"{settings.model} is an msModelSlim W8A8 checkpoint: it needs the vllm engine "
                               f"(--engine {settings.engine} cannot serve it)")
 
