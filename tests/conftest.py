@@ -26,6 +26,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"this lane needs vLLM {wanted}, but `import vllm` failed: {exc!r}") from exc
     if not vllm.__version__.startswith(wanted):
         raise pytest.UsageError(f"this lane needs vLLM {wanted}, but vLLM {vllm.__version__} is installed")
+    # the W8A8 tests skip without msModelSlim; on a lane (which installs the quant extra) that is an error
+    import importlib.util
+
+    if importlib.util.find_spec("msmodelslim") is None:
+        raise pytest.UsageError("this lane needs msModelSlim (the quant extra), but it is not installed")
 
 
 @pytest.fixture(scope="session")
