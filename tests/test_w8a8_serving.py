@@ -142,8 +142,7 @@ def test_vllm_reads_the_compressed_tensors_config_as_int8_w8a8(ct_model):
     """Both lanes: the converted config means channel-wise int8 weights, dynamic per-token int8
     activations, and the FLOAT layers (down_proj, lm_head) unquantised."""
     vllm_version()
-    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
-        CompressedTensorsConfig)
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
     from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
 
     qc = json.loads((ct_model / "config.json").read_text())["quantization_config"]

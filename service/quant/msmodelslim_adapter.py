@@ -25,15 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import Qwen3Config
-
 from msmodelslim.core.const import DeviceType
 from msmodelslim.core.quant_service.modelslim_v1.save.interface import AscendV1SaveInterface
 from msmodelslim.ir.norm_bias import RMSNormBias
 from msmodelslim.ir.rms_norm import RMSNorm
 from msmodelslim.model.plugin_factory.base_loader import BaseModelAdapterLoader
 from msmodelslim.model.qwen3.model_adapter import Qwen3ModelAdapter
+from torch import nn
+from transformers import Qwen3Config
 
 from service.lm_checkpoint import Emu3Config
 from service.quant.calib_tokenizer import CalibrationTokenizer

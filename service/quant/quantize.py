@@ -128,7 +128,8 @@ def quantize_main(argv: list[str]) -> int:
         parser.error("--max-tp-size must be >= 1")
     if args.calib_grid < 1 or min(args.calib_samples) < 0:
         parser.error("--calib-grid must be >= 1 and sample counts >= 0")
-    plan = CalibrationPlan(*args.calib_samples, grid=args.calib_grid)
+    t2i, x2i, narrative = args.calib_samples
+    plan = CalibrationPlan(t2i=t2i, x2i=x2i, narrative=narrative, grid=args.calib_grid)
     try:
         quantize(args.model, args.out, tokenizer=args.tokenizer, device=args.device, config=args.config,
                  max_tp_size=args.max_tp_size, plan=plan)

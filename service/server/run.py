@@ -17,8 +17,8 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from service.server.runtime import Runtime
 from service.lm_checkpoint import CheckpointError
+from service.server.runtime import Runtime
 from service.server.settings import Settings, load_settings
 
 logger = logging.getLogger("service.server")
@@ -63,6 +63,8 @@ def check_model(settings: Settings) -> None:
     """Refuse, before anything starts, a W8A8 checkpoint that is inconsistent or cannot be served here."""
     from service.quant.serving import check_w8a8
 
+    if settings.model is None:  # the settings refuse this; nothing to check
+        return
     if check_w8a8(settings.model, settings.quantization) is not None and settings.engine_kind != "vllm":
         raise CheckpointError(f"{settings.model} is an msModelSlim W8A8 checkpoint: it needs the vllm engine "
                               f"(--engine {settings.engine} cannot serve it)")

@@ -38,6 +38,7 @@ def build_engine(settings: Settings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # only read by the CPU build (GiB)
         # an msModelSlim W8A8 checkpoint: 'ascend' with vllm-ascend, else its compressed-tensors form
+        assert settings.model is not None  # the settings refuse a missing --model
         served = engine_model(settings.model, settings.quantization, settings.resolved_w8a8_cache_dir)
         cfg = VllmEngineConfig(
             model=str(served.path), tokenizer=str(settings.tokenizer_dir),
