@@ -637,7 +637,6 @@ def test_w8a8_overlay_renders_valid_objects(overlay):
 def test_w8a8_job_quantises_the_model_into_the_served_folder(overlay):
     """The Job's command is `service quantize` with flags it accepts, reading the settings' model and
     tokenizer folders and writing (atomically) the folder the Deployment serves."""
-    import argparse
     from unittest import mock
 
     from service.quant import quantize as quantize_cli
@@ -660,7 +659,7 @@ def test_w8a8_job_quantises_the_model_into_the_served_folder(overlay):
     assert str(seen["model"]) == base_env["EMU35_MODEL"] and str(seen["tokenizer"]) == env["EMU35_TOKENIZER"]
     assert seen["device"] == "npu" and seen["max_tp_size"] == int(env["EMU35_TENSOR_PARALLEL_SIZE"])
     assert str(seen["out"]) == env["EMU35_MODEL"] + ".partial"
-    assert f'mv "$out.partial" "$out"' in script and "out=" + env["EMU35_MODEL"] in script
+    assert 'mv "$out.partial" "$out"' in script and "out=" + env["EMU35_MODEL"] in script
     assert f'[ -f "$out/{DESCRIPTION}" ]' in script  # a finished export is not redone
     # security as the serving pods; the weights volume writable for the Job only
     assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"]
