@@ -8,6 +8,9 @@ The quantised model is built once per machine (``tiny_w8a8`` fixture, cached lik
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +23,9 @@ from service.quant.calib_tokenizer import CalibrationTokenizer
 from service.quant.calibration import CalibrationPlan, calibration_ids, write_calibration
 from service.quant.quantize import default_config, quantize_main, run_config
 from service.tokenizer import TIKTOKEN_FILE, VISION_FILE
+from tests.quant_env import HAVE_MSMODELSLIM, NO_MSMODELSLIM
 
-pytest.importorskip("msmodelslim", reason="msModelSlim is not installed (the test command installs the quant extra)")
+pytestmark = pytest.mark.skipif(not HAVE_MSMODELSLIM, reason=NO_MSMODELSLIM)
 
 #: The Ascend guide's configuration, as the issue gives it (parsed the same way as the packaged file:
 #: YAML 1.1 reads ``1e-5`` as a string, which msModelSlim's pydantic model turns into a float).
@@ -113,28 +117,39 @@ def test_not_an_emu35_checkpoint_is_refused_clearly(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+def run_with_msmodelslim(code: str) -> str:
+    """``code`` in a child Python (importing msModelSlim patches pydantic process-wide); its stdout."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_bf16_norm_fix_returns_the_dtype_it_was_given():
     """msModelSlim's replacement RMSNorm returns float32; the next bf16 Linear would refuse it."""
-    from msmodelslim.ir.rms_norm import RMSNorm
-
-    from service.quant.msmodelslim_adapter import install_norm_dtype_fix
-
-    norm = RMSNorm(8).to(torch.bfloat16)
-    x = torch.randn(2, 8, dtype=torch.bfloat16)
-    install_norm_dtype_fix()
-    assert norm(x).dtype == torch.bfloat16
-    assert torch.nn.LayerNorm(8)(torch.randn(2, 8)).dtype == torch.float32  # other modules untouched
+    out = run_with_msmodelslim("""
+        import torch
+        from msmodelslim.ir.rms_norm import RMSNorm
+        from service.quant.msmodelslim_adapter import install_norm_dtype_fix
+        norm = RMSNorm(8).to(torch.bfloat16)
+        x = torch.randn(2, 8, dtype=torch.bfloat16)
+        before = norm(x).dtype
+        install_norm_dtype_fix()
+        print(before, norm(x).dtype, torch.nn.LayerNorm(8)(torch.randn(2, 8)).dtype)
+    """)
+    assert out.split() == ["torch.float32", "torch.bfloat16", "torch.float32"]  # other modules untouched
 
 
 def test_entry_points_name_this_adapter(tiny_w8a8):
-    from msmodelslim.model import PluginModelFactory
-
-    from service.quant.msmodelslim_adapter import Emu35ModelAdapter
-
-    for name in ("EMU3.5", "Emu3.5-Image"):
-        adapter = PluginModelFactory().create(name, tiny_w8a8 / "bf16")
-        assert type(adapter) is Emu35ModelAdapter
-        assert adapter.config.model_type == "qwen3" and adapter.config.num_hidden_layers == 2
+    out = run_with_msmodelslim(f"""
+        from msmodelslim.model import PluginModelFactory
+        for name in ("EMU3.5", "Emu3.5-Image"):
+            adapter = PluginModelFactory().create(name, {str(tiny_w8a8 / "bf16")!r})
+            print(type(adapter).__module__ + "." + type(adapter).__name__, adapter.config.model_type,
+                  adapter.config.num_hidden_layers, adapter.tokenizer.pad_token_id)
+    """)
+    rows = [line.split() for line in out.splitlines() if line.startswith("service.")]
+    assert rows == [["service.quant.msmodelslim_adapter.Emu35ModelAdapter", "qwen3", "2", "151643"]] * 2
 
 
 # ---- the quantised tiny model ------------------------------------------------------------------
@@ -199,3 +214,12 @@ def test_quantised_logits_stay_close_to_the_unquantised_model(tiny_w8a8, tiny_di
     assert cosine >= 0.99, cosine
     assert top1 >= 0.90, top1
     assert np.isfinite(cosine)
+
+
+def test_msmodelslim_never_enters_this_process():
+    """Everything above ran msModelSlim in child processes: importing it here would patch pydantic for
+    every later test (and in the service, for the settings)."""
+    import service.quant.quantize  # noqa: F401
+    import service.quant.serving  # noqa: F401
+
+    assert "msmodelslim" not in sys.modules

@@ -18,8 +18,9 @@ import pytest
 from safetensors import safe_open
 
 from service.quant.description import DescriptionError, load_checkpoint
+from tests.quant_env import HAVE_MSMODELSLIM, NO_MSMODELSLIM
 
-pytest.importorskip("msmodelslim", reason="msModelSlim is not installed (the test command installs the quant extra)")
+pytestmark = pytest.mark.skipif(not HAVE_MSMODELSLIM, reason=NO_MSMODELSLIM)
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 

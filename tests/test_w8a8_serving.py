@@ -27,9 +27,10 @@ from service.lm_checkpoint import CheckpointError
 from service.quant import serving
 from service.quant.compressed_tensors import converted, quantization_config
 from service.quant.description import DescriptionError, load_checkpoint
+from tests.quant_env import HAVE_MSMODELSLIM, NO_MSMODELSLIM
 from tests.serverproc import REPO, running_server
 
-pytest.importorskip("msmodelslim", reason="msModelSlim is not installed (the test command installs the quant extra)")
+pytestmark = pytest.mark.skipif(not HAVE_MSMODELSLIM, reason=NO_MSMODELSLIM)
 
 
 def vllm_version() -> str:

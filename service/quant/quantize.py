@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
+import importlib.util
 import os
 import subprocess
 import sys
@@ -85,10 +86,9 @@ def quantize(model: Path, out: Path, *, tokenizer: Path | None = None, device: s
     check_checkpoint(model, tokenizer)
     if out.exists() and any(out.iterdir()):
         raise QuantizeError(f"--out {out} exists and is not empty")
-    try:
-        import msmodelslim  # noqa: F401
-    except ImportError:
-        raise QuantizeError("msModelSlim is not installed: pip install 'emu35-serve[quant]'") from None
+    # looked up, not imported: importing msmodelslim patches pydantic's BaseModel process-wide
+    if importlib.util.find_spec("msmodelslim") is None:
+        raise QuantizeError("msModelSlim is not installed: pip install 'emu35-serve[quant]'")
     base = yaml.safe_load(config.read_text(encoding="utf-8")) if config else default_config()
     with tempfile.TemporaryDirectory(prefix="emu35-quant-") as scratch:
         dataset = Path(scratch) / "emu35_calib.json"
