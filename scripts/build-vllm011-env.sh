@@ -42,7 +42,7 @@ PY
 "$BIN/pip" install -q -c "$WORK/constraints.txt" -r "$WORK/requirements.txt"
 "$BIN/pip" install -q --no-deps "$WHEEL"
 "$BIN/pip" install -q ./tests/vllm011_platform
-"$BIN/pip" install -q -c "$WORK/constraints.txt" -e '.[test]'
+"$BIN/pip" install -q -c "$WORK/constraints.txt" -e '.[test,quant]'
 # PyPI's torch must still be the one vLLM 0.11 was built against
 "$BIN/python" -c "import torch, vllm, transformers; assert torch.__version__.startswith('2.8.0'), torch.__version__; assert vllm.__version__.startswith('0.11.0'), vllm.__version__; assert int(transformers.__version__.split('.')[0]) < 5; print('vLLM', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 touch "$VENV/.installed"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m service {make-tiny,vis,serve}`` (``emu35-serve`` runs ``serve``)."""
+"""Command line: ``python -m service {make-tiny,vis,serve,quantize}`` (``emu35-serve`` runs ``serve``)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,13 @@ def _serve(argv: list[str]) -> int:
     return serve_main(argv, prepare=_demo_settings)
 
 
-COMMANDS = {"make-tiny": _make_tiny, "vis": _vis, "serve": _serve}
+def _quantize(argv: list[str]) -> int:
+    from service.quant.quantize import quantize_main
+
+    return quantize_main(argv)
+
+
+COMMANDS = {"make-tiny": _make_tiny, "vis": _vis, "serve": _serve, "quantize": _quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

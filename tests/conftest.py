@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.tokenizer import Emu35Tokenizer
+from tests.quant_env import HAVE_MSMODELSLIM, NO_MSMODELSLIM
 
 REAL_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "emu35-tokenizer"
 HAVE_REAL_TOKENIZER = (REAL_TOKENIZER_DIR / "emu3.tiktoken").is_file()
@@ -26,6 +27,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"this lane needs vLLM {wanted}, but `import vllm` failed: {exc!r}") from exc
     if not vllm.__version__.startswith(wanted):
         raise pytest.UsageError(f"this lane needs vLLM {wanted}, but vLLM {vllm.__version__} is installed")
+    # the W8A8 tests skip without msModelSlim; on a lane (which installs the quant extra) that is an error
+    if not HAVE_MSMODELSLIM:
+        raise pytest.UsageError("this lane needs msModelSlim (the quant extra), but it is not installed")
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +61,14 @@ def tiny_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir) -> Emu35Tokenizer:
     return Emu35Tokenizer.from_dir(tiny_dir / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a8() -> Path:
+    """The tiny model as bf16 (``bf16/``) and quantised by ``python -m service quantize`` (``w8a8/``), with
+    the quantiser's log; built once and cached (needs msModelSlim: the ``quant`` extra)."""
+    if not HAVE_MSMODELSLIM:
+        pytest.skip(NO_MSMODELSLIM)
+    from service.tiny.w8a8 import ensure_tiny_w8a8
+
+    return ensure_tiny_w8a8()

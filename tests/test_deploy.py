@@ -606,3 +606,101 @@ def test_every_emu35_variable_is_a_setting():
     assert named, "no EMU35_ variable found"
     unknown = named - setting_variables()
     assert not unknown, f"not settings (service/server/settings.py): {sorted(unknown)}"
+
+
+# ---- W8A8: the quantisation Job and the a2/a3 W8A8 overlays ---------------------------------------
+
+W8A8_OVERLAYS = ("a2-w8a8", "a3-w8a8")
+DESCRIPTION = "quant_model_description.json"
+
+
+def quantize_script(job: dict) -> str:
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["bash", "-c"]
+    return c["args"][0]
+
+
+@pytest.mark.parametrize("overlay", W8A8_OVERLAYS)
+def test_w8a8_overlay_renders_valid_objects(overlay):
+    objs = objects(overlay)
+    assert sorted(o["kind"] for o in objs) == sorted(
+        ["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
+         "PersistentVolumeClaim", "PodDisruptionBudget", "PrometheusRule", "Service", "ServiceMonitor"])
+    for obj in objs:
+        if obj["kind"] in CRD_KINDS:
+            check_operator_object(obj)
+        else:
+            validate_k8s(obj)
+
+
+@pytest.mark.parametrize("overlay", W8A8_OVERLAYS)
+def test_w8a8_job_quantises_the_model_into_the_served_folder(overlay):
+    """The Job's command is `service quantize` with flags it accepts, reading the settings' model and
+    tokenizer folders and writing (atomically) the folder the Deployment serves."""
+    from unittest import mock
+
+    from service.quant import quantize as quantize_cli
+
+    objs = objects(overlay)
+    job, env = one(objs, "Job"), settings_env(objs)
+    base_env = settings_env(objects(overlay.removesuffix("-w8a8")))
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == container(objs)["image"] and c["image"].endswith(":" + overlay.removesuffix("-w8a8"))
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] <= 1
+    assert c["resources"]["requests"]["huawei.com/Ascend910"] == c["resources"]["limits"]["huawei.com/Ascend910"]
+    script = quantize_script(job)
+    (line,) = [ln for ln in script.replace("\\\n", " ").splitlines() if "-m service quantize" in ln]
+    words = shlex.split(line.replace('"$out', "/models/model-w8a8").replace('"', ""))
+    argv = words[words.index("quantize") + 1:]
+    seen = {}
+    with mock.patch.object(quantize_cli, "quantize", lambda model, out, **kw: seen.update(model=model, out=out, **kw)):
+        assert quantize_cli.quantize_main(argv) == 0
+    assert str(seen["model"]) == base_env["EMU35_MODEL"] and str(seen["tokenizer"]) == env["EMU35_TOKENIZER"]
+    assert seen["device"] == "npu" and seen["max_tp_size"] == int(env["EMU35_TENSOR_PARALLEL_SIZE"])
+    assert str(seen["out"]) == env["EMU35_MODEL"] + ".partial"
+    assert 'mv "$out.partial" "$out"' in script and "out=" + env["EMU35_MODEL"] in script
+    assert f'[ -f "$out/{DESCRIPTION}" ]' in script  # a finished export is not redone
+    # security as the serving pods; the weights volume writable for the Job only
+    assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"]
+    (weights,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert weights["persistentVolumeClaim"]["claimName"] == one(objs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert one(objs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert all(m.get("readOnly") for m in container(objs)["volumeMounts"] if m["mountPath"] == "/models")
+    # the Job's pods are not the service's: no Service, PDB or NetworkPolicy selects them
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    for kind, selector in (("Service", lambda o: o["spec"]["selector"]),
+                           ("PodDisruptionBudget", lambda o: o["spec"]["selector"]["matchLabels"])):
+        assert not selector(one(objs, kind)).items() <= labels.items(), kind
+
+
+@pytest.mark.parametrize("overlay", W8A8_OVERLAYS)
+def test_w8a8_serving_pods_wait_for_the_export_and_need_no_quantization_setting(overlay, monkeypatch):
+    from service.server.settings import Settings
+
+    objs = objects(overlay)
+    env = settings_env(objs)
+    (init,) = one(objs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    assert f"{env['EMU35_MODEL']}/{DESCRIPTION}" in init["args"][0]
+    assert init["image"] == container(objs)["image"]
+    assert "EMU35_QUANTIZATION" not in env  # detected from the export (service/quant/serving.py)
+    # everything else is the plain overlay's
+    plain = objects(overlay.removesuffix("-w8a8"))
+    assert {k: v for k, v in env.items() if k != "EMU35_MODEL"} == \
+        {k: v for k, v in settings_env(plain).items() if k != "EMU35_MODEL"}
+    assert container(objs)["resources"] == container(plain)["resources"]
+    for name in [k for k in os.environ if k.startswith("EMU35_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**env, "EMU35_API_KEY": "k"}.items():
+        if name.startswith("EMU35_"):
+            monkeypatch.setenv(name, value)
+    assert Settings().quantization is None
+
+
+def test_image_installs_the_quant_extra():
+    """docker/install.sh installs exactly pyproject's `quant` extra (the Job runs msModelSlim)."""
+    script = (DOCKER / "install.sh").read_text()
+    quant = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["quant"]
+    assert bash_array(script, "QUANT_DEPS") == quant
+    assert not {requirement_name(r) for r in quant} & PROTECTED
+    assert '"${QUANT_DEPS[@]}"' in script and "msmodelslim.model_adapter.plugins" in script

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from service.server.runtime import Runtime
 from service.server.settings import Settings, load_settings
+from service.task import CheckpointError, check_model
 
 logger = logging.getLogger("service.server")
 
@@ -50,6 +51,11 @@ def serve(settings: Settings) -> int:
     from service.server.app import create_app, describe
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_model(settings)
+    except CheckpointError as exc:
+        print(f"emu35-serve: --model: {exc}", file=sys.stderr)
+        return 2
     logger.info("settings: %s", json.dumps(describe(settings)))
     runtime = Runtime(settings)
     app = create_app(settings, runtime)

@@ -8,6 +8,7 @@ set explicitly.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -71,7 +72,12 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="weights dtype: auto, bfloat16, float16, float32")
     max_model_len: int | None = Field(None, ge=64, description="context length (default: the model's)")
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vLLM's share of accelerator memory")
-    quantization: str | None = Field(None, description="vLLM quantization, e.g. 'ascend' for W8A8 weights")
+    quantization: str | None = Field(
+        None, description="vLLM quantization; unset: detected (an msModelSlim W8A8 checkpoint is served with "
+                          "'ascend' where vllm-ascend is installed, else converted to compressed-tensors int8)")
+    w8a8_cache_dir: Path | None = Field(
+        None, description="where a W8A8 checkpoint's compressed-tensors form is written for vLLM without "
+                          "vllm-ascend (default: $EMU35_CACHE_DIR/w8a8, else ~/.cache/emu35-serve/w8a8)")
     enforce_eager: bool = Field(False, description="never capture graphs (debugging)")
 
     # ---- admission --------------------------------------------------------------------------------
@@ -126,6 +132,14 @@ class Settings(BaseSettings):
     @property
     def tokenizer_dir(self) -> Path:
         return self.tokenizer or self.model  # type: ignore[return-value]
+
+    @property
+    def resolved_w8a8_cache_dir(self) -> Path:
+        if self.w8a8_cache_dir is not None:
+            return self.w8a8_cache_dir
+        root = os.environ.get("EMU35_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "emu35-serve")
+        return Path(root) / "w8a8"
 
     @property
     def resolved_device(self) -> str:

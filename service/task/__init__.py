@@ -19,7 +19,7 @@ from service.task.events import (
 )
 from service.task.planner import GenerationOptions, Plan, PlanError, build_request, plan_request, resolve
 from service.task.previews import PreviewSchedule
-from service.task.resources import build_engine, load_tokenizer, start_vq_worker
+from service.task.resources import CheckpointError, build_engine, check_model, load_tokenizer, start_vq_worker
 from service.task.runner import AnswerBuilder, GenerationInput, GenerationRunner, ImageCodecAsync, Prepared
 from service.tokenizer import Emu35Tokenizer
 from service.types import EngineStats, SamplingOverride, SamplingSettings
@@ -28,6 +28,7 @@ __all__ = [
     "AnswerBuilder",
     "AnswerPart",
     "AsyncEngine",
+    "CheckpointError",
     "Emu35Tokenizer",
     "EngineError",
     "EngineStats",
@@ -51,6 +52,7 @@ __all__ = [
     "Usage",
     "build_engine",
     "build_request",
+    "check_model",
     "load_tokenizer",
     "plan_request",
     "resolve",

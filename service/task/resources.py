@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from service.engine.protocol import AsyncEngine
+from service.lm_checkpoint import CheckpointError
 from service.tokenizer import Emu35Tokenizer
 
 if TYPE_CHECKING:
@@ -42,24 +43,42 @@ class ResourceSettings(Protocol):
     @property
     def resolved_vq_device(self) -> str: ...
 
+    @property
+    def resolved_w8a8_cache_dir(self) -> Path: ...
+
 
 def load_tokenizer(s: ResourceSettings) -> Emu35Tokenizer:
     """The Emu3.5 tokenizer the engine, the planner and the parser share."""
     return Emu35Tokenizer.from_dir(s.tokenizer_dir)
 
 
+def check_model(s: ResourceSettings) -> None:
+    """Refuse, before anything starts, a W8A8 checkpoint that is inconsistent (the message names the
+    tensor) or that the chosen engine cannot serve. Raises ``CheckpointError``."""
+    from service.quant.serving import check_w8a8
+
+    if s.model is None:  # the settings refuse this; nothing to check
+        return
+    if check_w8a8(s.model, s.quantization) is not None and s.engine_kind != "vllm":
+        raise CheckpointError(f"{s.model} is an msModelSlim W8A8 checkpoint: it needs the vllm engine "
+                              f"(the reference engine cannot serve it)")
+
+
 def build_engine(s: ResourceSettings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
-    """The engine the settings ask for (not started)."""
+    """The engine the settings ask for (not started). An msModelSlim W8A8 checkpoint is served with
+    ``quantization="ascend"`` where vllm-ascend is installed, else in its compressed-tensors form."""
     if s.engine_kind == "vllm":
         from service.engine.config import VllmEngineConfig
         from service.engine.vllm_engine import VllmEngine
+        from service.quant.serving import engine_model
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # only read by the CPU build (GiB)
+        served = engine_model(s.model, s.quantization, s.resolved_w8a8_cache_dir)
         cfg = VllmEngineConfig(
-            model=str(s.model), tokenizer=str(s.tokenizer_dir),
+            model=str(served.path), tokenizer=str(s.tokenizer_dir),
             tensor_parallel_size=s.tensor_parallel_size, dtype=s.dtype,
             max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
-            max_pairs=s.max_concurrent, quantization=s.quantization,
+            max_pairs=s.max_concurrent, quantization=served.quantization,
             graph_mode="eager" if s.enforce_eager else "auto")
         return VllmEngine(cfg, tokenizer)
     from service.engine.reference import AsyncReferenceEngine
