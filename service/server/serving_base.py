@@ -26,9 +26,29 @@ from service.server.image_io import image_bytes_from_text, open_image
 from service.server.limiter import Overloaded, Slot
 from service.server.protocol import SamplingOverrides
 from service.server.runtime import Runtime
-from service.task import Finished, GenerationInput, GenerationRunner, Outcome, PlanError, Prepared, SamplingOverride
+from service.task import (
+    EngineUnavailableError,
+    Finished,
+    GenerationInput,
+    GenerationRunner,
+    Outcome,
+    PlanError,
+    Prepared,
+    SamplingOverride,
+)
 
 T = TypeVar("T")
+
+
+
+def shutting_down(message: str = "the service is shutting down") -> APIError:
+    return APIError(503, message, "shutting_down")
+
+
+def engine_unavailable() -> APIError:
+    """The answer while (and after) the engine dies: the process exits and the orchestrator restarts it."""
+    return APIError(503, "the engine is unavailable; the service is restarting", "engine_unavailable",
+                    headers={"Retry-After": "30"})
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +127,7 @@ class ServingBase:
                      request: Request) -> Response:
         """Serve one request from start to finish (see the module docstring)."""
         self.ensure_accepting()
+        self._check_room()  # a full service answers 429 before decoding any upload
         job = await self.job(endpoint, task, params, images, request)
         if job.stream:
             (gen,) = job.inputs
@@ -151,9 +172,11 @@ class ServingBase:
         if state == "loading":
             raise APIError(503, "the model is still loading", "model_loading", headers={"Retry-After": "10"})
         if state in ("draining", "stopped"):
-            raise APIError(503, "the service is shutting down", "shutting_down")
+            raise shutting_down()
         if state == "failed":
             raise APIError(503, f"the service failed to start: {self.rt.error}", "engine_failed")
+        if state == "dead":
+            raise engine_unavailable()
 
     async def decode_images(self, images: list[str | bytes], param: str) -> list[Any]:
         """Uploaded images (base64 text or raw bytes) → RGB PIL images, decoded off the event loop."""
@@ -165,6 +188,12 @@ class ServingBase:
             return open_image(raw, s.max_image_bytes, s.max_image_pixels, name)
 
         return await asyncio.to_thread(lambda: [one(i, x) for i, x in enumerate(images)])
+
+    def _check_room(self) -> None:
+        try:
+            self.rt.limiter.check_room()
+        except Overloaded as exc:
+            raise APIError(429, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)}) from None
 
     async def _admit_and_prepare(self, gen: GenerationInput, id_prefix: str) -> tuple[Slot, Prepared]:
         rid = new_request_id(id_prefix)
@@ -181,11 +210,20 @@ class ServingBase:
             slot.release()
             raise
 
+    def _stopped_by_shutdown(self, out: Outcome) -> bool:
+        return out.finish_reason == "abort" and self.rt.state in ("draining", "stopped")
+
     async def _run(self, request: Request, job: Job, gen: GenerationInput) -> Outcome:
         slot, prepared = await self._admit_and_prepare(gen, job.id_prefix)
         try:
-            return await run_cancellable(request, self._outcome(job.endpoint, prepared), self.rt,
-                                         prepared.request.request_id)
+            out = await run_cancellable(request, self._outcome(job.endpoint, prepared), self.rt,
+                                        prepared.request.request_id)
+            if self._stopped_by_shutdown(out):
+                raise shutting_down("the service is shutting down; the generation was stopped")
+            return out
+        except EngineUnavailableError as exc:
+            self.rt.engine_died(str(exc))
+            raise engine_unavailable() from None
         finally:
             slot.release()
 
@@ -210,16 +248,27 @@ class ServingBase:
             async with contextlib.aclosing(self._runner().run(prepared, job.preview_every_rows)) as events:
                 async for ev in events:
                     if isinstance(ev, Finished):
+                        if self._stopped_by_shutdown(ev.outcome):  # an error event, then a proper end
+                            err = shutting_down("the service is shutting down; the generation was stopped")
+                            yield {"event": "error", "data": json.dumps({"message": err.message, "code": err.code})}
+                            return
                         await self._finish(job.endpoint, ev.outcome)
                     yield await self.render_event(job, ev)
         except asyncio.CancelledError:
             if self.rt.state not in ("draining", "stopped"):
                 self.rt.metrics.disconnects.inc()
             raise
+        except EngineUnavailableError as exc:
+            self.rt.engine_died(str(exc))
+            err = engine_unavailable()
+            yield {"event": "error", "data": json.dumps({"message": err.message, "code": err.code})}
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
             logger.exception("generation %s failed mid-stream", rid)
-            code = exc.code if isinstance(exc, APIError) else "generation_failed"
-            yield {"event": "error", "data": json.dumps({"message": f"{type(exc).__name__}: {exc}", "code": code})}
+            if isinstance(exc, APIError):
+                message, code = exc.message, exc.code
+            else:  # like the 500 handler: the log has the exception, the client gets no internals
+                message, code = f"the generation failed (request {rid})", "generation_failed"
+            yield {"event": "error", "data": json.dumps({"message": message, "code": code})}
         finally:
             self.rt.inflight.pop(rid, None)
             slot.release()

@@ -5,7 +5,7 @@ named here. ``planner`` resolves the task defaults once and checks every limit; 
 generation and yields ``events``; ``resources`` builds the engine and the VQ worker.
 """
 
-from service.engine.protocol import AsyncEngine, EngineError
+from service.engine.protocol import AsyncEngine, EngineError, EngineUnavailableError
 from service.task.events import (
     AnswerPart,
     Finished,
@@ -29,6 +29,7 @@ __all__ = [
     "AsyncEngine",
     "Emu35Tokenizer",
     "EngineError",
+    "EngineUnavailableError",
     "EngineStats",
     "Finished",
     "GenerationInput",

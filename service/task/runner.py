@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from service.engine.protocol import AsyncEngine
+from service.limits import MAX_PREVIEWS_PER_IMAGE
 from service.prompts import Task
 from service.record import RecordGlobalCot, RecordImage, RecordImageCot, RecordItem, RecordText, build_story
 from service.record.builder import encode_png
@@ -66,7 +67,14 @@ class ImageCodecAsync(Protocol):
 
     async def encode(self, images: Sequence[Image.Image], area: int | None) -> list[np.ndarray]: ...
 
-    async def decode(self, grids: Sequence[np.ndarray]) -> list[Image.Image]: ...
+    async def decode(self, grids: Sequence[np.ndarray], preview: bool = False) -> list[Image.Image]: ...
+
+
+def preview_interval(asked: int | None, total_rows: int) -> int | None:
+    """Rows between previews: what the client asked, but never more than MAX_PREVIEWS_PER_IMAGE per image."""
+    if not asked:
+        return None
+    return max(asked, -(-total_rows // MAX_PREVIEWS_PER_IMAGE))
 
 
 @dataclass(frozen=True)
@@ -200,12 +208,13 @@ class GenerationRunner:
         elif isinstance(ev, ImageRows):
             total = run.grids[ev.index][0]
             preview = None
-            every = run.preview_every_rows
+            every = preview_interval(run.preview_every_rows, total)
             if every:
                 run.rows[ev.index].append(np.asarray(ev.new_rows))
                 before = ev.rows_done - len(ev.new_rows)
                 if ev.rows_done // every > before // every and ev.rows_done < total:
-                    (preview,) = await self.vq.decode([np.concatenate(run.rows[ev.index], axis=0)])
+                    (preview,) = await self.vq.decode([np.concatenate(run.rows[ev.index], axis=0)],
+                                                      preview=True)
             yield ImageProgress(ev.index, ev.rows_done, total, preview)
         elif isinstance(ev, ImageDone):
             (image,) = await self.vq.decode([np.asarray(ev.codes)])
