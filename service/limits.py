@@ -20,6 +20,11 @@ MIN_GUIDANCE_SCALE = 1.0
 MAX_GUIDANCE_SCALE = 50.0
 #: Sampling temperature.
 MAX_TEMPERATURE = 100.0
+#: Bytes of a request body on routes that take no images (a prompt of MAX_PROMPT_CHARS, JSON-escaped, fits).
+MAX_TEXT_BODY_BYTES = 2 * 2**20
+#: Previews decoded per image at most, whatever ``preview_every_rows`` asks: a preview is a full VQ
+#: decode on the shared worker, so a stream asking for one every row would slow every other request.
+MAX_PREVIEWS_PER_IMAGE = 8
 #: Images one OpenAI-style request may ask for (each is a generation of its own).
 MAX_IMAGES_PER_REQUEST = 4
 #: Partial images one streamed OpenAI-style image may have (OpenAI's ``partial_images``: 0–3).

@@ -395,12 +395,20 @@ BAD_REQUESTS = [
     ("missing API key", "POST", "/v1/t2i", {"json": {"prompt": "x"}, "headers": {"Authorization": ""}}, 401, "invalid_api_key"),
     ("wrong API key", "GET", "/metrics", {"headers": {"Authorization": "Bearer nope"}}, 401, "invalid_api_key"),
     ("body over the limit", "POST", "/v1/t2i", {"content": b"x" * 3_000_000, "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
+    ("chunked body over the limit", "POST", "/v1/t2i", {"content": "@chunked", "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
+    ("a text-only route takes no image-sized body", "POST", "/v1/images/generations", {"content": b"{}" * 1_100_000, "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
+    ("seed as a string", "POST", "/v1/t2i", {"json": {"prompt": "x", "seed": "1"}}, 400, "invalid_value"),
+    ("seed as a boolean", "POST", "/v1/t2i", {"json": {"prompt": "x", "seed": True}}, 400, "invalid_value"),
+    ("empty body", "POST", "/v1/t2i", {"content": b"", "headers": {"content-type": "application/json"}}, 400, "missing_field"),
+    ("deeply nested JSON", "POST", "/v1/x2i", {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
 ]
 
 
 def _materialise(kwargs: dict) -> dict:
     """The request's keyword arguments, with placeholder images made real."""
     kw = copy.deepcopy(kwargs)
+    if kw.get("content") == "@chunked":  # no Content-Length: the limit must hold while streaming in
+        kw["content"] = (b" " * 500_000 for _ in range(6))
     body = kw.get("json")
     if isinstance(body, dict) and "images" in body:
         subst = {"@bomb": _bomb(), "@truncated": base64.b64encode(png_bytes()[:60]).decode()}
@@ -419,6 +427,8 @@ def test_bad_requests_get_a_clear_4xx(http, name, method, path, kwargs, status, 
     err = r.json()["error"]
     assert err["code"] == code, (name, err)
     assert err["message"] and isinstance(err["type"], str)
+    assert " at 0x" not in err["message"] and "None" not in err["message"], err  # no internals in messages
+    assert r.headers.get("x-request-id"), "every answer carries a request id"
 
 
 def test_service_still_answers_after_bad_requests(http):
@@ -430,6 +440,7 @@ def test_service_still_answers_after_bad_requests(http):
 def test_health_and_ready_need_no_key(server):
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
+    assert httpx.head(server.url + "/health").status_code == httpx.head(server.url + "/ready").status_code == 200
     r = httpx.get(server.url + "/v1/models")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
 

@@ -526,3 +526,69 @@ def test_openai_stream_renderer_sends_partials_on_a_blank_canvas_and_completed_w
                              "output_tokens_details": {"text_tokens": 13, "image_tokens": 64}}
     error = json.loads(openai_error_event("engine broke", "generation_failed")["data"])
     assert error["error"]["message"] == "engine broke"  # the shape the official client raises as APIError
+def test_a_full_service_answers_429_before_decoding_any_upload():
+    """At capacity, a request with images is refused before its uploads are touched (a 40-megapixel PNG
+    costs a second of CPU and half a gigabyte to decode)."""
+    from types import SimpleNamespace
+
+    from service.server.serving_generation import ServingGeneration
+
+    limiter = AdmissionLimiter(slots=1, queue=0)
+
+    class NeverDecodes(ServingGeneration):
+        async def job(self, *args, **kwargs):
+            raise AssertionError("the uploads were looked at before admission")
+
+    async def go():
+        await limiter.acquire()  # the only slot is taken, the queue holds nothing
+        serving = NeverDecodes(SimpleNamespace(state="ready", limiter=limiter))
+        with pytest.raises(APIError) as err:
+            await serving.create("x2i", None, None, [b"big png"], None)
+        return err.value
+
+    err = asyncio.run(go())
+    assert err.status == 429 and err.code == "overloaded" and "Retry-After" in err.headers
+    with pytest.raises(Overloaded):
+        limiter.check_room()
+
+
+def test_vq_worker_runs_final_images_before_previews():
+    """Previews waiting in the same round as a final decode or an encode yield to them."""
+    from service.vq.worker import VqWorker
+
+    codec = _CountingCodec()
+    worker = VqWorker(lambda: codec)
+    worker.start(10)
+
+    async def scenario():
+        first = asyncio.create_task(worker.decode([np.zeros((1, 1), dtype=np.int64)], preview=True))
+        await asyncio.sleep(0.05)  # the worker holds the first preview at the gate
+        previews = [asyncio.create_task(worker.decode([np.zeros((2, 2), dtype=np.int64)], preview=True))
+                    for _ in range(3)]
+        await asyncio.sleep(0.01)
+        final = asyncio.create_task(worker.decode([np.zeros((4, 4), dtype=np.int64)]))
+        await asyncio.sleep(0.05)
+        codec.gate.set()
+        await asyncio.gather(first, final, *previews)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.stop()
+    # the held preview, then the final decode that arrived after three previews, then the previews merged
+    assert codec.calls == [("decode", 1), ("decode", 1), ("decode", 3)]
+
+
+def test_previews_are_capped_per_image_whatever_the_interval(runner):
+    from service.limits import MAX_PREVIEWS_PER_IMAGE
+    from service.prompts import Task
+    from service.task import GenerationInput, GenerationOptions, ImageProgress, PreviewSchedule, SamplingSettings
+
+    step = 64 // MAX_PREVIEWS_PER_IMAGE
+    assert PreviewSchedule.every(1).rows(64) == tuple(range(step, 64, step))  # capped: not 63 previews
+    assert PreviewSchedule.every(20).rows(64) == (20, 40, 60)  # a sparser request is kept
+    greedy = SamplingSettings(1, 1.0, 1.0)
+    gen = GenerationInput(Task.T2I, "a cat", (), GenerationOptions(size="256x256", text=greedy, image=greedy))
+    _, events, _ = _collect(runner, gen, "unit-preview-floor", preview=1)
+    previews = [e for e in events if isinstance(e, ImageProgress) and e.preview is not None]
+    assert [p.rows for p in previews] == [2, 4, 6, 8, 10, 12, 14]  # 16 rows: every 2nd, not every row

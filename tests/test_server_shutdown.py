@@ -56,16 +56,33 @@ def test_sigterm_drains_in_flight_streams_then_exits_cleanly(tiny_dir, tmp_path)
         assert server.proc.wait(60) == 0
 
 
-def test_work_still_running_after_the_grace_period_is_aborted(tiny_dir, tmp_path):
+def test_work_still_running_after_the_grace_period_is_aborted_with_a_proper_answer(tiny_dir, tmp_path):
+    """Past the grace, a stream ends with an ``error`` event and a proper end of stream (no cut chunk),
+    and a JSON request still running gets a 503."""
+    import json
+    import threading
+
     with _server(tmp_path, grace=1) as server:
         kinds: list[str] = []
+        plain: dict = {}
+
+        def json_request() -> None:
+            r = httpx.post(server.url + "/v1/t2i", json={"prompt": "a dog", "size": "768x768"}, timeout=120)
+            plain.update(status=r.status_code, body=r.json())
+
         with _streaming_mid_image(server, "768x768", kinds) as events:
+            waiter = threading.Thread(target=json_request)
+            waiter.start()
+            time.sleep(0.5)
             started = time.monotonic()
             server.terminate()
-            with pytest.raises(httpx.TransportError):  # the stream is cut, not completed
-                for sse in events:
-                    kinds.append(sse.event)
-                    assert sse.event != "done"
+            last = None
+            for sse in events:  # no TransportError: the stream ends properly
+                kinds.append(sse.event)
+                last = sse
+            waiter.join(60)
+        assert kinds[-1] == "error" and "done" not in kinds
+        assert json.loads(last.data)["code"] == "shutting_down"
+        assert plain["status"] == 503 and plain["body"]["error"]["code"] == "shutting_down", plain
         assert server.proc.wait(60) == 0
         assert time.monotonic() - started < 30
-        assert "done" not in kinds

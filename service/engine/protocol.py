@@ -19,6 +19,11 @@ class EngineRequestError(ValueError):
     """The generation cannot be run as asked (client side: too long, duplicate id, …)."""
 
 
+class EngineUnavailableError(EngineError):
+    """The engine died (its processes are gone): nothing more can run in this process, which exits so
+    that the orchestrator restarts it."""
+
+
 class PairBrokenError(EngineError):
     """A cond/uncond pair lost lockstep; the generation was failed rather than continued."""
 

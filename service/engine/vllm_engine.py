@@ -20,7 +20,14 @@ from typing import Any, AsyncGenerator
 from service.engine.config import VllmEngineConfig
 from service.engine.policy.admission import blocks_for
 from service.engine.policy.pairing import UNCOND_SUFFIX, row_specs
-from service.engine.protocol import EngineError, EngineRequestError, EngineStats, PairBrokenError, check_fits
+from service.engine.protocol import (
+    EngineError,
+    EngineRequestError,
+    EngineStats,
+    EngineUnavailableError,
+    PairBrokenError,
+    check_fits,
+)
 from service.tokenizer import Emu35Tokenizer
 from service.types import GenerationRequest, TokenDelta
 
@@ -147,6 +154,11 @@ class VllmEngine:
     def max_model_len(self) -> int:
         return self._max_model_len
 
+    @property
+    def dead(self) -> bool:
+        """vLLM has given up on its engine core (a process died): it will not run anything again."""
+        return self._llm is not None and bool(getattr(self._llm, "errored", False))
+
     async def health(self) -> bool:
         """True when the engine core answers (raises nothing)."""
         if self._llm is None:
@@ -155,7 +167,7 @@ class VllmEngine:
             await self._llm.check_health()
         except Exception:  # noqa: BLE001 - any failure means unhealthy
             return False
-        return not getattr(self._llm, "errored", False)
+        return not self.dead
 
     def stats(self) -> EngineStats:
         running = sum(1 for started in self._inflight.values() if started)
@@ -241,6 +253,13 @@ class VllmEngine:
                 yield TokenDelta([], "abort", 0.0)
             if uncond_task is not None:
                 await uncond_task
+        except (asyncio.CancelledError, EngineError):
+            raise
+        except Exception as exc:
+            if self.dead:  # vLLM's EngineDeadError / EngineGenerateError after its core process went away
+                finished = True  # nothing to abort in a dead engine
+                raise EngineUnavailableError(f"the engine died during generation {req.request_id}") from exc
+            raise
         finally:
             self._inflight.pop(req.request_id, None)
             if uncond_task is not None and not uncond_task.done():

@@ -11,12 +11,14 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.limits import MAX_TEXT_BODY_BYTES
 from service.server.docs import router as docs
 from service.server.errors import APIError, install_handlers
 from service.server.playground import router as playground
@@ -49,7 +51,8 @@ def endpoint_label(path: str) -> str:
 
 
 class RequestMetricsMiddleware:
-    """Counts every answered request by endpoint and status (errors from any layer included)."""
+    """Counts every answered request by endpoint and status (errors from any layer included), and gives
+    every answer an ``X-Request-Id`` (the client's own, or a new one) to quote in a bug report."""
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app, self.runtime = app, runtime
@@ -60,9 +63,15 @@ class RequestMetricsMiddleware:
             return
         status = {"code": 500}
 
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        request_id = incoming[:128] if incoming else uuid.uuid4().hex.encode()
+
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                headers = list(message.get("headers") or [])
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):  # every answer, errors too
+                    message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
             await send(message)
 
         try:
@@ -72,33 +81,58 @@ class RequestMetricsMiddleware:
             self.runtime.metrics.requests.labels(label, str(status["code"])).inc()
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over ``limit`` bytes with 413, by Content-Length up front or while streaming in."""
+#: Routes whose bodies carry images; every other route takes at most MAX_TEXT_BODY_BYTES.
+IMAGE_ROUTES = frozenset({"/v1/x2i", "/v1/generate", "/v1/guidance", "/v1/narrative", "/v1/images/edits"})
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class BodyLimitMiddleware:
+    """Refuses bodies over the route's limit with 413, by Content-Length up front or while streaming in:
+    routes that take images allow ``image_limit`` bytes, the others ``MAX_TEXT_BODY_BYTES``, so a route
+    that takes a prompt cannot be made to buffer and parse tens of megabytes."""
+
+    def __init__(self, app: ASGIApp, image_limit: int) -> None:
+        self.app, self.image_limit = app, image_limit
+
+    def limit_for(self, path: str) -> int:
+        return self.image_limit if path.rstrip("/") in IMAGE_ROUTES else MAX_TEXT_BODY_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(scope.get("path", ""))
+        too_large = APIError(413, f"request body is larger than {limit} bytes", "body_too_large")
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await _send_error(send, APIError(413, f"request body is larger than {self.limit} bytes", "body_too_large"))
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _send_error(send, too_large)
             return
         seen = 0
+        over = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise APIError(413, f"request body is larger than {self.limit} bytes", "body_too_large")
+                if seen > limit:  # stop reading: the app sees a client that went away
+                    over = True
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited, send)
+        async def sending(message: Message) -> None:
+            if not over:  # once over the limit, the answer is ours (413), not what the app made of it
+                await send(message)
+
+        try:
+            await self.app(scope, limited, sending)
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await _send_error(send, too_large)
 
 
 async def _send_error(send: Send, exc: APIError) -> None:
@@ -148,7 +182,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(playground)
     app.include_router(docs)
-    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes(settings))
+    app.add_middleware(BodyLimitMiddleware, image_limit=max_body_bytes(settings))
     app.add_middleware(RequestMetricsMiddleware, runtime=runtime)
     return app
 

@@ -50,6 +50,9 @@ async def require_json(request: Request) -> None:
 
 #: Form fields holding JSON objects (sampling overrides) in a multipart request.
 JSON_FORM_FIELDS = frozenset({"text_sampling", "image_sampling"})
+#: Form fields that are whole numbers: multipart sends text, JSON must send numbers (the models are strict).
+INT_FORM_FIELDS = frozenset({"seed", "n", "max_new_tokens", "image_area", "partial_images", "output_compression",
+                             "preview_every_rows"})
 
 
 async def read_multipart(request: Request, file_fields: frozenset[str], max_files: int, max_bytes: int,
@@ -82,8 +85,10 @@ async def read_multipart(request: Request, file_fields: frozenset[str], max_file
             elif name in JSON_FORM_FIELDS:
                 try:
                     fields[name] = json.loads(value)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     raise bad_request(f"{name} must be a JSON object", "invalid_value", name) from None
+            elif name in INT_FORM_FIELDS and value.strip().lstrip("-").isdigit():
+                fields[name] = int(value)
             else:
                 fields[name] = value
     finally:

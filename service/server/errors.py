@@ -71,6 +71,8 @@ def _describe(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
     if kind == "extra_forbidden":
         return f"unknown field {param!r}", param, "unknown_field"
     if kind == "missing":
+        if param is None:
+            return "a request body is required", None, "missing_field"
         return f"missing required field {param!r}", param, "missing_field"
     msg = str(first.get("msg", "invalid value"))
     return (f"{param}: {msg}" if param else msg), param, "invalid_value"

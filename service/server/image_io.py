@@ -66,7 +66,10 @@ def open_image(raw: bytes, max_bytes: int, max_pixels: int, param: str) -> Image
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise bad_request("image has too many pixels (decompression bomb)", "image_too_many_pixels", param) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError:  # PIL's message names an in-memory buffer object: say it plainly
+        raise bad_request("not a readable image: the bytes are not PNG, JPEG, WebP, BMP or GIF", "invalid_image",
+                          param) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise bad_request(f"not a readable image: {exc}", "invalid_image", param) from None
 
 

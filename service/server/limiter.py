@@ -54,6 +54,12 @@ class AdmissionLimiter:
         rounds = (self.waiting + 1) / self.slots
         return max(1, min(300, math.ceil(self._mean_hold * rounds)))
 
+    def check_room(self) -> None:
+        """Raise :class:`Overloaded` when a request arriving now could neither run nor queue: checked
+        before any upload is decoded, so a full service refuses cheaply."""
+        if not (self.active < self.slots and not self._waiters) and len(self._waiters) >= self.queue:
+            raise Overloaded(self.retry_after())
+
     async def acquire(self) -> Slot:
         """A slot now, or after waiting in the queue; :class:`Overloaded` when the queue is full."""
         if self.active < self.slots and not self._waiters:

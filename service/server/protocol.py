@@ -15,6 +15,7 @@ from service.limits import (
     MAX_IMAGE_AREA,
     MAX_IMAGES_PER_REQUEST,
     MAX_PARTIAL_IMAGES,
+    MAX_PREVIEWS_PER_IMAGE,
     MAX_PROMPT_CHARS,
     MAX_REFERENCE_IMAGES,
     MAX_SEED,
@@ -42,7 +43,7 @@ class _Strict(BaseModel):
 class SamplingOverrides(_Strict):
     """Sampling of one kind of token; a missing field keeps the task's default."""
 
-    top_k: int | None = Field(None, ge=1, description="keep the k most likely tokens")
+    top_k: int | None = Field(None, ge=1, strict=True, description="keep the k most likely tokens")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass")
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description="0 = greedy")
 
@@ -58,15 +59,16 @@ class GenerationParams(_Strict):
         None, description=f"one of {', '.join(ASPECT_RATIOS)}, 'default' or 'auto'; scaled to the image area")
     guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE,
                                           description="classifier-free guidance scale")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    max_new_tokens: int | None = Field(None, ge=1, description="cap on generated tokens")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
+    max_new_tokens: int | None = Field(None, ge=1, strict=True, description="cap on generated tokens")
     text_sampling: SamplingOverrides | None = None
     image_sampling: SamplingOverrides | None = None
     image_area: int | None = Field(None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA,
                                    description="pixels of generated and reference images (aspect sizes scale)")
     stream: bool = Field(False, description="answer as server-sent events")
     preview_every_rows: int | None = Field(
-        None, ge=1, description="when streaming, attach a decoded preview every N rows of an image")
+        None, ge=1, strict=True, description="when streaming, attach a decoded preview every N rows of an image "
+                                              f"(at most {MAX_PREVIEWS_PER_IMAGE} per image)")
     include_record: bool = Field(
         False, description="when streaming, put the whole record (base64) in the done event; by default it "
                            "names the record (record_id, and record_url when records are stored)")
@@ -209,11 +211,11 @@ class OpenAIImageParams(BaseModel):
     partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES,
                                        description="partial images per image while streaming, spread over its rows")
     guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
     image_area: int | None = Field(None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA,
                                    description="pixels of the image (and of resized reference images); wins over "
                                                "quality")
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, strict=True)
     text_sampling: SamplingOverrides | None = None
     image_sampling: SamplingOverrides | None = None
 

@@ -93,12 +93,15 @@ def _multipart_openapi(model: type[BaseModel], files: str) -> dict[str, Any]:
 # ---- operations -----------------------------------------------------------------------------------
 
 
-@system.get("/health", summary="the process is alive")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+@system.api_route("/health", methods=["GET", "HEAD"], summary="liveness: fails once the engine died or the start failed",
+                  responses={503: {"description": "the engine died or the start failed; the process is exiting"}})
+async def health(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
+    if runtime.alive:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": runtime.state}, status_code=503)
 
 
-@system.get("/ready", summary="the engine and the VQ worker are loaded and answering",
+@system.api_route("/ready", methods=["GET", "HEAD"], summary="the engine and the VQ worker are loaded and answering",
             responses={503: {"description": "loading, failed or shutting down"}})
 async def ready(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
     ok = await runtime.ready()
@@ -154,6 +157,8 @@ async def x2i(request: Request) -> Response:
             data = await request.json()
         except ValueError:
             raise APIError(400, "request body is not valid JSON", "invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "request body nests too deeply", "invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", "invalid_json")
         body = _validate(X2IRequest, data)

@@ -41,7 +41,7 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = sig == signal.SIGINT
 
     async def on_tick(self, counter: int) -> bool:
-        if not self.should_exit and self.runtime.drain_complete:
+        if not self.should_exit and self.runtime.should_exit():
             self.should_exit = True  # the lifespan shutdown aborts what is left
         return await super().on_tick(counter)
 

@@ -26,7 +26,15 @@ if TYPE_CHECKING:  # built by the task layer; only their types are named here
 
 logger = logging.getLogger(__name__)
 
-State = Literal["loading", "ready", "failed", "draining", "stopped"]
+State = Literal["loading", "ready", "failed", "draining", "stopped", "dead"]
+
+#: Seconds between engine health checks once the service is ready.
+HEALTH_POLL_SECONDS = 0.5
+#: Seconds a dead engine's in-flight requests get to receive their error before they are cut.
+DEAD_ENGINE_GRACE_SECONDS = 2.0
+#: Seconds generations aborted at the end of a drain get to answer their clients (an SSE ``error``
+#: event and a proper end of stream, a 503) before the server stops.
+ABORT_ANSWER_SECONDS = 3.0
 
 
 @dataclass
@@ -45,6 +53,8 @@ class Runtime:
     #: how the engine is made (benchmarks substitute one that replays fixed ids)
     engine_factory: Callable[[Settings, Emu35Tokenizer], AsyncEngine] = build_engine
     drain_deadline: float | None = None  # monotonic time at which a drain aborts what is left
+    watchdog: asyncio.Task | None = None  # polls the engine's health once ready
+    aborting_since: float | None = None  # when the drain aborted what was still running
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -78,17 +88,48 @@ class Runtime:
             self.runner = GenerationRunner(self.engine, self.vq, self.tokenizer, image_area=s.image_area)
             if self.state == "loading":
                 self.state = "ready"
+                self.watchdog = asyncio.create_task(self._watch_engine(), name="emu35-engine-watchdog")
             logger.info("emu35-serve ready: engine=%s model=%s vq_device=%s", s.engine_kind, s.model,
                         s.resolved_vq_device)
         except Exception as exc:  # noqa: BLE001 - reported by /ready and the log
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
-            logger.exception("emu35-serve failed to start")
+            logger.exception("emu35-serve failed to start; exiting")
 
     async def ready(self) -> bool:
         if self.state != "ready" or self.engine is None or self.vq is None or not self.vq.alive:
             return False
         return await self.engine.health()
+
+    # ---- liveness: a process whose engine died (or never started) exits so it is restarted -------
+    @property
+    def alive(self) -> bool:
+        """The liveness answer: False once the engine died or the start failed."""
+        return self.state not in ("failed", "dead")
+
+    def should_exit(self) -> bool:
+        """Stop serving now: the start failed, or a drain (a signal, or a dead engine) is complete.
+        Called on every server tick: it also aborts what outlived the grace (see :meth:`drain_tick`)."""
+        return self.state == "failed" or self.drain_tick()
+
+    def engine_died(self, reason: str) -> None:
+        """The engine is gone for good: refuse new work, give in-flight requests a moment to receive
+        their errors, then exit non-zero (see :attr:`should_exit`)."""
+        if self.state in ("dead", "stopped"):
+            return
+        logger.error("engine died (%s): failing in-flight work and exiting so the orchestrator restarts "
+                     "this process", reason)
+        self.state = "dead"
+        self.error = f"engine died: {reason}"
+        deadline = time.monotonic() + DEAD_ENGINE_GRACE_SECONDS
+        self.drain_deadline = deadline if self.drain_deadline is None else min(self.drain_deadline, deadline)
+
+    async def _watch_engine(self) -> None:
+        while self.state in ("ready", "draining"):
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+            if self.engine is not None and self.state in ("ready", "draining") and not await self.engine.health():
+                self.engine_died("it stopped answering its health check")
+                return
 
     # ---- draining: the one place that decides when in-flight work is given up --------------------
     def begin_drain(self, grace: float) -> None:
@@ -99,25 +140,43 @@ class Runtime:
             self.drain_deadline = time.monotonic() + grace
             logger.info("draining: %d generation(s) in flight, grace %.0f s", len(self.inflight), grace)
 
-    @property
-    def drain_complete(self) -> bool:
-        """A drain has begun and nothing is in flight any more, or its grace has run out."""
+    def drain_tick(self) -> bool:
+        """One step of a drain; True once it is complete. When the grace runs out, what is still running
+        is aborted through the engine, so each request answers its client properly (a stream ends with
+        an ``error`` event, a JSON request gets a 503); after ``ABORT_ANSWER_SECONDS`` the drain is
+        complete whatever is left."""
         if self.drain_deadline is None:
             return False
-        return not self.inflight or time.monotonic() >= self.drain_deadline
+        if not self.inflight:
+            return True
+        now = time.monotonic()
+        if now < self.drain_deadline:
+            return False
+        if self.aborting_since is None:
+            self.aborting_since = now
+            asyncio.get_running_loop().create_task(self._abort_inflight())
+        return now >= self.aborting_since + ABORT_ANSWER_SECONDS
+
+    async def _abort_inflight(self) -> None:
+        for rid in list(self.inflight):
+            logger.warning("shutdown: aborting generation %s (the drain's grace period is over)", rid)
+            if self.engine is not None:
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(rid)
 
     async def drain(self, grace: float) -> None:
-        """Drain (see :meth:`begin_drain`): wait until it is complete, then abort what is left."""
+        """Drain (see :meth:`begin_drain`): wait until it is complete, then cut whatever is left."""
         self.begin_drain(grace)
-        while not self.drain_complete:
+        while not self.drain_tick():
             await asyncio.sleep(0.05)
-        for rid, task in list(self.inflight.items()):
-            logger.warning("shutdown: aborting generation %s after the %.0f s grace period", rid, grace)
+        for task in list(self.inflight.values()):
             task.cancel()
         if self.inflight:
             await asyncio.gather(*self.inflight.values(), return_exceptions=True)
 
     async def stop(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         self.state = "stopped"
         if self.engine is not None:
             with contextlib.suppress(Exception):

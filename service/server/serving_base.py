@@ -30,6 +30,7 @@ from service.server.protocol import SamplingOverrides
 from service.server.runtime import Runtime
 from service.server.streams import merge_streams
 from service.task import (
+    EngineUnavailableError,
     Finished,
     GenerationInput,
     GenerationRunner,
@@ -41,6 +42,17 @@ from service.task import (
 )
 
 T = TypeVar("T")
+
+
+
+def shutting_down(message: str = "the service is shutting down") -> APIError:
+    return APIError(503, message, "shutting_down")
+
+
+def engine_unavailable() -> APIError:
+    """The answer while (and after) the engine dies: the process exits and the orchestrator restarts it."""
+    return APIError(503, "the engine is unavailable; the service is restarting", "engine_unavailable",
+                    headers={"Retry-After": "30"})
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +142,7 @@ class ServingBase:
                      request: Request) -> Response:
         """Serve one request from start to finish (see the module docstring)."""
         self.ensure_accepting()
+        self._check_room()  # a full service answers 429 before decoding any upload
         job = await self.job(endpoint, task, params, images, request)
         if job.stream:
             admitted = await self._admit_all(job)
@@ -178,9 +191,11 @@ class ServingBase:
         if state == "loading":
             raise APIError(503, "the model is still loading", "model_loading", headers={"Retry-After": "10"})
         if state in ("draining", "stopped"):
-            raise APIError(503, "the service is shutting down", "shutting_down")
+            raise shutting_down()
         if state == "failed":
             raise APIError(503, f"the service failed to start: {self.rt.error}", "engine_failed")
+        if state == "dead":
+            raise engine_unavailable()
 
     async def decode_images(self, images: list[str | bytes], param: str) -> list[Any]:
         """Uploaded images (base64 text or raw bytes) → RGB PIL images, decoded off the event loop."""
@@ -206,6 +221,12 @@ class ServingBase:
             raise failures[0]
         return admitted
 
+    def _check_room(self) -> None:
+        try:
+            self.rt.limiter.check_room()
+        except Overloaded as exc:
+            raise APIError(429, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)}) from None
+
     async def _admit_and_prepare(self, gen: GenerationInput, id_prefix: str) -> tuple[Slot, Prepared]:
         rid = new_request_id(id_prefix)
         try:
@@ -221,11 +242,20 @@ class ServingBase:
             slot.release()
             raise
 
+    def _stopped_by_shutdown(self, out: Outcome) -> bool:
+        return out.finish_reason == "abort" and self.rt.state in ("draining", "stopped")
+
     async def _run(self, request: Request, job: Job, gen: GenerationInput) -> Outcome:
         slot, prepared = await self._admit_and_prepare(gen, job.id_prefix)
         try:
-            return await run_cancellable(request, self._outcome(job.endpoint, prepared), self.rt,
-                                         prepared.request.request_id)
+            out = await run_cancellable(request, self._outcome(job.endpoint, prepared), self.rt,
+                                        prepared.request.request_id)
+            if self._stopped_by_shutdown(out):
+                raise shutting_down("the service is shutting down; the generation was stopped")
+            return out
+        except EngineUnavailableError as exc:
+            self.rt.engine_died(str(exc))
+            raise engine_unavailable() from None
         finally:
             slot.release()
 
@@ -253,6 +283,10 @@ class ServingBase:
             async with contextlib.aclosing(merge_streams(runs)) as events:
                 async for index, ev in events:
                     if isinstance(ev, Finished):
+                        if self._stopped_by_shutdown(ev.outcome):  # an error event, then a proper end
+                            err = shutting_down("the service is shutting down; the generation was stopped")
+                            yield self.error_event(job, err.message, err.code)
+                            return
                         await self._finish(job.endpoint, ev.outcome)
                     message = await self.render_event(job, index, ev)
                     if message is not None:
@@ -261,10 +295,17 @@ class ServingBase:
             if self.rt.state not in ("draining", "stopped"):
                 self.rt.metrics.disconnects.inc()
             raise
+        except EngineUnavailableError as exc:
+            self.rt.engine_died(str(exc))
+            err = engine_unavailable()
+            yield self.error_event(job, err.message, err.code)
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
             logger.exception("generation %s failed mid-stream", ",".join(rids))
-            code = exc.code if isinstance(exc, APIError) else "generation_failed"
-            yield self.error_event(job, f"{type(exc).__name__}: {exc}", code)
+            if isinstance(exc, APIError):
+                detail, code = exc.message, exc.code
+            else:  # like the 500 handler: the log has the exception, the client gets no internals
+                detail, code = f"the generation failed (request {','.join(rids)})", "generation_failed"
+            yield self.error_event(job, detail, code)
         finally:
             for rid in rids:
                 self.rt.inflight.pop(rid, None)

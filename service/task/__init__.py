@@ -5,7 +5,7 @@ named here. ``planner`` resolves the task defaults once and checks every limit; 
 generation and yields ``events``; ``resources`` builds the engine and the VQ worker.
 """
 
-from service.engine.protocol import AsyncEngine, EngineError
+from service.engine.protocol import AsyncEngine, EngineError, EngineUnavailableError
 from service.task.events import (
     AnswerPart,
     Finished,
@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "Emu35Tokenizer",
     "EngineError",
+    "EngineUnavailableError",
     "EngineStats",
     "Finished",
     "GenerationInput",

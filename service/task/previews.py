@@ -2,13 +2,16 @@
 
 Emu3.5 writes an image row by row, so a preview decoded from the rows done so far is real progress.
 Decoding costs a VQ forward pass, so previews are decoded only at the rows a schedule names, never more
-often: every N rows (Emu3.5's ``preview_every_rows``) or k previews spread evenly over the image
-(OpenAI's ``partial_images``). The image's last row never gets one: the finished image follows at once.
+often: every N rows (Emu3.5's ``preview_every_rows``, but never more than ``MAX_PREVIEWS_PER_IMAGE``
+per image: each preview is a decode on the VQ worker every request shares) or k previews spread evenly
+over the image (OpenAI's ``partial_images``). The image's last row never gets one: the finished image follows at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from service.limits import MAX_PREVIEWS_PER_IMAGE
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,9 @@ class PreviewSchedule:
 
         ``spread(k)`` puts preview i at ``round(total·(i+1)/(k+1))``; an image with fewer than k+1 rows
         gets fewer previews (as OpenAI allows: the final image may come first)."""
-        if self.every_rows is not None:
-            return tuple(range(self.every_rows, total, self.every_rows))
+        if self.every_rows is not None:  # never more than MAX_PREVIEWS_PER_IMAGE, whatever was asked
+            step = max(self.every_rows, -(-total // MAX_PREVIEWS_PER_IMAGE))
+            return tuple(range(step, total, step))
         k = self.count or 0
         picked = {round(total * (i + 1) / (k + 1)) for i in range(k)}
         return tuple(sorted(r for r in picked if 1 <= r < total))

@@ -67,7 +67,8 @@ class ImageCodecAsync(Protocol):
 
     async def encode(self, images: Sequence[Image.Image], area: int | None) -> list[np.ndarray]: ...
 
-    async def decode(self, grids: Sequence[np.ndarray]) -> list[Image.Image]: ...
+    async def decode(self, grids: Sequence[np.ndarray], preview: bool = False) -> list[Image.Image]: ...
+
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ class GenerationRunner:
         due = [r for r in scheduled if before < r <= ev.rows_done]
         if due:
             done = np.concatenate(run.rows[ev.index], axis=0)
-            previews = await self.vq.decode([done[:r] for r in due])
+            previews = await self.vq.decode([done[:r] for r in due], preview=True)
             for r, preview in zip(due, previews):
                 yield ImageProgress(ev.index, r, total, preview)
         if not due or due[-1] != ev.rows_done:

@@ -3,6 +3,10 @@
 Callers on the event loop submit jobs and await them; the loop never runs the network. The worker
 takes every job waiting when it wakes up, merges jobs of the same kind (and, for encodes, the same
 target area) into one call, and the tokenizer batches equal grid sizes into one forward pass.
+
+It is fair to requests that do not ask for previews: in each round, encodes and final decodes run
+before previews, and previews run one call per round, so a stream that asks for many previews waits
+for them itself instead of delaying everybody's final images.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class _Job:
     area: int | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future = field(repr=False)
+    preview: bool = False
 
 
 class VqWorker:
@@ -78,17 +83,17 @@ class VqWorker:
         """Reference images → code grids, in order."""
         return await self._submit("encode", list(images), area)
 
-    async def decode(self, grids: Sequence[np.ndarray]) -> list[Image.Image]:
-        """Code grids → RGB images, in order."""
-        return await self._submit("decode", list(grids), None)
+    async def decode(self, grids: Sequence[np.ndarray], preview: bool = False) -> list[Image.Image]:
+        """Code grids → RGB images, in order. ``preview`` jobs yield to final images (see the module)."""
+        return await self._submit("decode", list(grids), None, preview)
 
-    async def _submit(self, kind: JobKind, items: list[Any], area: int | None) -> list[Any]:
+    async def _submit(self, kind: JobKind, items: list[Any], area: int | None, preview: bool = False) -> list[Any]:
         if not items:
             return []
         if not self.alive:
             raise RuntimeError("the VQ worker is not running")
         loop = asyncio.get_running_loop()
-        job = _Job(kind, items, area, loop, loop.create_future())
+        job = _Job(kind, items, area, loop, loop.create_future(), preview)
         self._jobs.put(job)
         return await job.future
 
@@ -101,11 +106,13 @@ class VqWorker:
             return
         finally:
             self._ready.set()
+        held: list[_Job] = []  # previews that yielded to final work in an earlier round
         while True:
-            first = self._jobs.get()
+            first = held.pop(0) if held else self._jobs.get()
             if first is None:
                 return
-            batch = [first]
+            batch = [first, *held]
+            held = []
             stop = False
             while True:  # everything already waiting joins this round
                 try:
@@ -116,9 +123,17 @@ class VqWorker:
                     stop = True
                     break
                 batch.append(nxt)
-            for group in self._groups(batch):
+            finals = [job for job in batch if not job.preview]
+            previews = [job for job in batch if job.preview]
+            for group in self._groups(finals):
                 self._run(group)
+            if previews:  # one preview call per round; the rest wait behind newer final work
+                first_group, *rest = self._groups(previews)
+                self._run(first_group)
+                held = [job for group in rest for job in group]
             if stop:
+                for job in held:
+                    self._run([job])
                 return
 
     @staticmethod

@@ -18,6 +18,11 @@ config, so workers unpickle ``Emu3VllmConfig`` by importing this module.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import threading
+import time
 from typing import Any
 
 from transformers import AutoConfig, Qwen3Config
@@ -28,6 +33,9 @@ from service.lm_checkpoint import ARCHITECTURE, MODEL_TYPE
 PLUGIN_NAME = "emu35"
 #: Lazy reference to the vLLM model class (imported only where the model is built).
 MODEL_CLASS_REF = "service.engine.in_vllm.model:Emu3ForCausalLM"
+#: Seconds between checks that a vLLM process's parent is still there.
+PARENT_POLL_SECONDS = 0.5
+_parent_watch: threading.Thread | None = None
 #: Default RoPE base of Emu3.5 (design.md §1); transformers' Qwen3 default is 10,000.
 DEFAULT_ROPE_THETA = 1_000_000.0
 
@@ -61,3 +69,28 @@ def register() -> None:
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS_REF)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """In vLLM's own processes (engine core, workers): end this process as soon as its parent is gone.
+
+    A supervisor that SIGKILLs the server must not leave the engine behind (gigabytes of weights and KV
+    cache; a restart would then hold two engines). vLLM starts these processes with multiprocessing, so
+    they have a parent process; the server itself and short-lived helper subprocesses do not and are
+    left alone. Polling ``getppid`` (reparented = orphaned) is used instead of ``PR_SET_PDEATHSIG``,
+    which fires when the parent *thread* that started the process ends, and vLLM starts its engine core
+    from a worker thread."""
+    global _parent_watch
+    if _parent_watch is not None or multiprocessing.parent_process() is None:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_SECONDS)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    _parent_watch = threading.Thread(target=watch, name="emu35-parent-watch", daemon=True)
+    _parent_watch.start()
