@@ -93,15 +93,17 @@ def _multipart_openapi(model: type[BaseModel], files: str) -> dict[str, Any]:
 # ---- operations -----------------------------------------------------------------------------------
 
 
-@system.api_route("/health", methods=["GET", "HEAD"], summary="liveness: fails once the engine died or the start failed",
-                  responses={503: {"description": "the engine died or the start failed; the process is exiting"}})
+@system.head("/health", include_in_schema=False)
+@system.get("/health", summary="liveness: fails once the engine died or the start failed",
+            responses={503: {"description": "the engine died or the start failed; the process is exiting"}})
 async def health(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
     if runtime.alive:
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": runtime.state}, status_code=503)
 
 
-@system.api_route("/ready", methods=["GET", "HEAD"], summary="the engine and the VQ worker are loaded and answering",
+@system.head("/ready", include_in_schema=False)
+@system.get("/ready", summary="the engine and the VQ worker are loaded and answering",
             responses={503: {"description": "loading, failed or shutting down"}})
 async def ready(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
     ok = await runtime.ready()

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.limits import MAX_IMAGE_AREA, MIN_IMAGE_AREA
 from service.prompts import ModelVariant
 
 ENV_PREFIX = "EMU35_"
@@ -84,7 +85,8 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(4, ge=1, description="generations running at once (engine pairs)")
     max_queue: int = Field(16, ge=0, description="further requests that may wait for a slot; then 429")
     image_area: int | None = Field(
-        None, ge=256, description="image area in px for every task (default: the task's, design.md §4)")
+        None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA,
+        description="image area in px for every task (default: the task's, design.md §4)")
     max_image_bytes: int = Field(20 * 2**20, ge=1024, description="largest accepted upload per image")
     max_image_pixels: int = Field(40_000_000, ge=64, description="largest accepted image (width × height)")
 
