@@ -27,7 +27,7 @@ def parts(tiny_dir, tiny_tokenizer):
 def test_plan_request_fills_task_defaults(tiny_tokenizer):
     tok = tiny_tokenizer
     req = plan_request(tok, "t2i", "a cat", [], GenerationOptions(), "r1")
-    assert req.target_grid == (55, 73) and req.cfg_scale == 2.0 and req.stop_token_ids == (tok.ids.eoi,)
+    assert req.target_grid == (55, 73) and req.cfg_scale == 2.0 and req.stop_token_ids == (tok.ids.eoi, tok.ids.eos)
     req = plan_request(tok, "story", "a cat", [], GenerationOptions(size="1:1"), "r2")
     assert req.target_grid == (45, 45) and req.stop_token_ids == (tok.ids.eos,) and req.max_new_tokens == 32768
     grid = np.zeros((12, 20), dtype=np.int64)

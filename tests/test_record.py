@@ -280,3 +280,14 @@ def test_visualiser_video(tmp_path):
     frames = list(gen)
     assert len(frames) == 3  # one per generated image (reference excluded)
     assert all(len(f) == w * h * 3 for f in frames)
+
+
+def test_several_global_cots_keep_the_last():
+    """The release keeps the last global chain of thought in ``summary``; nothing is joined."""
+    items = [RecordGlobalCot("first plan"), RecordText("t"), RecordGlobalCot("second plan"), RecordImage(img(8, 8))]
+    s = build_story("q", [], items, story_id="x")
+    assert s.summary == "second plan"
+    b = StoryBuilder(question="q", reference_images=[], story_id="x")
+    b.add_global_cot("a")
+    b.add_global_cot("b")
+    assert b.story.summary == "b"
