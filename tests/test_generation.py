@@ -10,7 +10,7 @@ from service.engine.reference import ReferenceEngine
 from service.record import RecordImage, RecordText, story_pb2
 from service.record.visualise import vis_main
 from service.task import AnswerBuilder, GenerationOptions, plan_request
-from service.token_layout import ImageSegment, TextSegment
+from service.token_layout import ImageSegment, IncompleteImageSegment, TextSegment, parse
 from service.types import SamplingSettings
 from service.vq import VisionTokenizer
 from tests.sync_pipeline import generate
@@ -81,3 +81,20 @@ def test_answer_and_record_skip_blank_text_and_pair_images():
     assert len(items) == 2 and items[0] == RecordText("hi")
     assert isinstance(items[1], RecordImage) and items[1].image is img and items[1].png == b"png"
     assert [(p.type, p.text, p.image_index) for p in answer.parts] == [("text", "hi", None), ("image", None, 0)]
+
+
+def test_x2i_without_reference_images_lets_the_model_write_the_header(parts):
+    """As the release: no size is set, so the header is sampled (two digits per side, design.md §5.1)."""
+    engine, _vq, tok = parts
+    req = plan_request(tok, "x2i", "a red house", [], GenerationOptions(text=GREEDY, image=GREEDY,
+                                                                        max_new_tokens=160), "x2i-free")
+    assert req.target_grid is None
+    ids = engine.generate_ids(req)
+    start = ids.index(tok.ids.boi)
+    header = ids[start + 1:ids.index(tok.ids.img, start)]
+    assert len(header) == 5 and header[2] == tok.star_id
+    h = 10 * tok.digit_value(header[0]) + tok.digit_value(header[1])
+    w = 10 * tok.digit_value(header[3]) + tok.digit_value(header[4])
+    assert 10 <= h <= 99 and 10 <= w <= 99
+    (image,) = [s for s in parse(tok, ids) if isinstance(s, (ImageSegment, IncompleteImageSegment))]
+    assert (image.height, image.width) == (h, w)
