@@ -60,9 +60,9 @@ def test_tiny_checkpoint_layout(tiny_dir):
     raw = torch.load(tiny_dir / "model.ckpt", weights_only=True)
     assert set(raw) == {"state_dict"}  # the tiny one is written wrapped
     sd = raw["state_dict"]
-    assert sd["quantize.embedding.weight"].shape == (131072, 32)  # real codebook size
-    assert sd["quant_conv.weight"].shape == (32, 32, 1, 1)
-    assert sd["post_quant_conv.weight"].shape == (32, 32, 1, 1)
+    assert sd["quantize.embedding.weight"].shape == (131072, 256)  # the real codebook: size and width
+    assert sd["quant_conv.weight"].shape == (256, 256, 1, 1)
+    assert sd["post_quant_conv.weight"].shape == (256, 256, 1, 1)
     for key in (
         "encoder.conv_in.weight",
         "encoder.down.0.block.0.norm1.weight",
@@ -88,12 +88,26 @@ def test_tiny_checkpoint_layout(tiny_dir):
     assert "encoder.down.4.downsample.conv.weight" not in sd  # no downsample after the last level
     assert "decoder.up.0.upsample.conv.weight" not in sd  # no upsample at level 0
     assert not any(k.startswith("encoder.down.3.attn") for k in sd)
-    assert sd["encoder.conv_out.weight"].shape[0] == 32  # double_z false -> z_channels
+    assert sd["encoder.conv_out.weight"].shape[0] == 256  # double_z false -> z_channels
     assert sd["decoder.up.4.block.0.conv1.weight"].shape == (128, 128, 3, 3)
     assert sd["decoder.up.0.block.0.conv1.weight"].shape == (32, 32, 3, 3)
     cfg = load_config(tiny_dir)
     assert cfg.ddconfig.downsample == 16
     assert "use_entropy_loss" in cfg.ignored and "beta" in cfg.ignored
+
+
+def test_tiny_runs_in_code_that_assumes_the_real_widths_and_flags(tiny_dir, tok):
+    """The release decodes with ``embed(codes).view(1, h, w, 256)`` and builds its encoder with
+    ``use_entropy_loss`` off in eval mode: the tiny checkpoint must satisfy both, as the real one does."""
+    raw_cfg = yaml.safe_load((tiny_dir / "config.yaml").read_text())
+    assert raw_cfg["embed_dim"] == 256 and raw_cfg["ddconfig"]["z_channels"] == 256
+    assert raw_cfg.get("use_entropy_loss", False) is False
+    codebook = torch.load(tiny_dir / "model.ckpt", weights_only=True)["state_dict"]["quantize.embedding.weight"]
+    h, w = 2, 3
+    codes = torch.arange(h * w).view(1, h, w) * 9973
+    z = codebook[codes.flatten()].view(1, h, w, 256).permute(0, 3, 1, 2)  # the release's fixed reshape
+    with torch.no_grad():
+        assert torch.allclose(tok.model.decode_latents(z).float(), tok.decode_tensor(codes), atol=1e-5)
 
 
 def test_tiny_is_deterministic(tmp_path):
@@ -136,7 +150,7 @@ def test_shape_mismatch_is_named(tiny_dir, tmp_path):
     sd = load_state_dict(tiny_dir)
     sd["quantize.embedding.weight"] = sd["quantize.embedding.weight"][:1000]
     save_checkpoint(tmp_path, _raw_config(), sd)
-    with pytest.raises(StateDictMismatchError, match=r"quantize\.embedding\.weight \(checkpoint \(1000, 32\), model \(131072, 32\)\)"):
+    with pytest.raises(StateDictMismatchError, match=r"quantize\.embedding\.weight \(checkpoint \(1000, 256\), model \(131072, 256\)\)"):
         VisionTokenizer.from_pretrained(tmp_path)
 
 
