@@ -118,7 +118,7 @@ _TEXT_STORY = SamplingSettings(top_k=1024, top_p=0.9, temperature=1.0)
 _IMAGE_STORY = SamplingSettings(top_k=10240, top_p=1.0, temperature=1.0)
 
 
-def _single_image(cfg: float) -> TaskDefaults:
+def _single_image(cfg: float, default_size: str = "aspect:default") -> TaskDefaults:
     return TaskDefaults(
         cfg_scale=cfg,
         max_new_tokens=5120,
@@ -126,7 +126,7 @@ def _single_image(cfg: float) -> TaskDefaults:
         text=_TEXT_T2I,
         image=_IMAGE_T2I,
         stop="eoi",
-        default_size="aspect:default",
+        default_size=default_size,
     )
 
 
@@ -148,8 +148,8 @@ _HOWTO = _interleaved(_TEXT_HOWTO)
 #: Defaults per (task, variant), design.md §4.
 #:
 #: * t2i / x2i: CFG 5.0 / 3.0 on Emu3.5-Image, 2.0 on Emu3.5 (the release's recommendation); everything
-#:   else is shared. Without images the size defaults to the ``default`` aspect ratio (55×73 at 1024²);
-#:   x2i without images is effectively t2i.
+#:   else is shared. Without images t2i defaults to the ``default`` aspect ratio (55×73 at 1024²); x2i
+#:   without images sets no size and the model writes the header (``auto``), as in the release.
 #: * howto / story: the release's Emu3.5 settings; the model writes the (constrained) image header
 #:   (``auto``) unless reference images are given.
 #: * explore / vla are not in the release's table: they use the story defaults (an interleaved answer
@@ -161,8 +161,8 @@ DEFAULTS: Mapping[tuple[Task, ModelVariant], TaskDefaults] = MappingProxyType(
     {
         (Task.T2I, ModelVariant.EMU35_IMAGE): _single_image(5.0),
         (Task.T2I, ModelVariant.EMU35): _single_image(2.0),
-        (Task.X2I, ModelVariant.EMU35_IMAGE): _single_image(3.0),
-        (Task.X2I, ModelVariant.EMU35): _single_image(2.0),
+        (Task.X2I, ModelVariant.EMU35_IMAGE): _single_image(3.0, "auto"),
+        (Task.X2I, ModelVariant.EMU35): _single_image(2.0, "auto"),
         **{(Task.HOWTO, v): _HOWTO for v in ModelVariant},
         **{(t, v): _STORY for t in (Task.STORY, Task.EXPLORE, Task.VLA) for v in ModelVariant},
     }

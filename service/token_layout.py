@@ -18,19 +18,22 @@ Grammar (what the parser accepts)
 * **Text mode** (the start state). Byte-level BPE ids are text of the current channel. ``BOS``, ``BSS``,
   ``ESS``, ``PAD``, ``EOF`` and ``TMS`` are structural and skipped wherever text is legal (so a whole
   prompt, ``BOS … BSS``, parses too). ``BOG … EOG`` holds the global chain-of-thought (channel
-  ``global_cot``), ``BOC … EOC`` a per-image chain-of-thought (channel ``image_cot``); they do not nest
-  and cannot contain images. ``BOI`` starts an image. ``EOS`` ends the answer (only outside a
-  chain-of-thought); any token after it is an error.
+  ``global_cot``), ``BOC … EOC`` a per-image chain-of-thought (channel ``image_cot``). ``BOI`` starts an
+  image, also inside a chain of thought (which it closes: the decoding rules open an image on any BOI).
+  ``EOS`` ends the answer (closing an open chain of thought); any token after it is an error.
+* **Every other non-visual id in text is literal text**: IMG, EOL or EOI outside an image, a stray
+  EOG/EOC, a BOG/BOC inside a chain of thought, ``<|im_start|>``, an unused ``<|extra_N|>``. The text
+  mask lets the sampler write these (as the release's does), and the release keeps them as text
+  (``'Hello<|extra_5|> world'``), so the parser does too: whatever the text sampler may emit parses.
 * **Image header**: non-empty decimal digits without a leading zero (so no zero size), ``'*'``, the same
   for the width, then ``IMG``. Nothing else is legal there (not even a skipped structural token). Each
   image's header is read on its own: design.md §5 has later images repeat the first header, which is the
   sampler's business, not the grammar's.
 * **Image body**: only visual tokens, ``EOL`` and ``EOI``, at exactly the positions of §3.
-* Everything else (a visual token in text, EOL/EOI/IMG outside an image, a stray EOG/EOC, any other
-  control token such as ``<|im_start|>`` or an unused ``<|extra_N|>``, an id outside the vocabulary)
-  raises :class:`TokenLayoutError` naming the position (index in the fed id stream) and the reason.
-  Unused control tokens are rejected rather than turned into text: they are never part of a valid answer,
-  and the logits processor is expected to keep the sampler away from them.
+* Errors (:class:`TokenLayoutError`, naming the position — index in the fed id stream — and the reason):
+  a visual token outside an image body (the text mask forbids it), a header or body that breaks §3, a
+  token after EOS, an id outside the vocabulary. The decoding rules force headers and bodies, so none
+  of these can come from a sampler that follows them.
 
 Segments
 --------
@@ -523,49 +526,33 @@ class StreamParser:
         self._text_parts = []
 
     def _control_token(self, t: int, pos: int, events: list[Event]) -> None:
+        """A non-BPE id in text or a chain of thought. Only the structural tokens act; every other id
+        the text sampler may write stays literal text, as it does in the release's decode."""
         ids = self._ids
         mode = self._mode
         if t in self._skip:
             return
+        if self._tok.is_visual(t):  # the text mask forbids these: a visual token here is an engine bug
+            self._fail(pos, f"visual token (code {t - ids.first_visual}) outside an image")
         if t == ids.eos:
-            if mode is not _Mode.TEXT:
-                self._fail(pos, f"EOS inside an unclosed {mode.value.replace('_', ' ')}")
-            self._close_text(events)
+            self._close_text(events)  # a chain of thought cut off by EOS keeps the text it has
             self._mode = _Mode.ENDED
             events.append(End("eos"))
-        elif t == ids.boi:
-            if mode is not _Mode.TEXT:
-                self._fail(pos, f"BOI inside a {mode.value.replace('_', ' ')} (images cannot be nested in it)")
+        elif t == ids.boi:  # the decoding rules open an image on BOI whatever channel the text is in
             self._close_text(events)
             self._mode = _Mode.HEADER
             self._img_index = self._next_image
             self._next_image += 1
             self._hdr_h = []
             self._hdr_w = None
-        elif t in (ids.bog, ids.boc):
-            name = "BOG" if t == ids.bog else "BOC"
-            if mode is not _Mode.TEXT:
-                self._fail(pos, f"{name} inside a {mode.value.replace('_', ' ')} (chains of thought do not nest)")
+        elif mode is _Mode.TEXT and t in (ids.bog, ids.boc):
             self._close_text(events)
             self._start_text(_Mode.GLOBAL_COT if t == ids.bog else _Mode.IMAGE_COT)
-        elif t == ids.eog or t == ids.eoc:
-            want, name, opener = (
-                (_Mode.GLOBAL_COT, "EOG", "BOG") if t == ids.eog else (_Mode.IMAGE_COT, "EOC", "BOC")
-            )
-            if mode is not want:
-                self._fail(pos, f"{name} without a matching {opener}")
+        elif (mode, t) in ((_Mode.GLOBAL_COT, ids.eog), (_Mode.IMAGE_COT, ids.eoc)):
             self._close_text(events)
             self._start_text(_Mode.TEXT)
-        elif self._tok.is_visual(t):
-            self._fail(pos, f"visual token (code {t - ids.first_visual}) outside an image")
-        elif t == ids.eol:
-            self._fail(pos, "EOL outside an image")
-        elif t == ids.eoi:
-            self._fail(pos, "EOI outside an image (no matching BOI)")
-        elif t == ids.img:
-            self._fail(pos, "IMG outside an image header")
-        else:
-            self._fail(pos, f"unexpected control token {self._describe(t)}")
+        else:  # IMG/EOL/EOI outside an image, unused controls, stray or nested CoT marks: literal text
+            self._text_bytes(self._tok.decode_bytes([t]), events)
 
     # image header
     def _header_token(self, t: int, pos: int, events: list[Event]) -> None:

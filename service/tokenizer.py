@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import re
+import unicodedata
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -158,7 +159,11 @@ class Emu35Tokenizer:
     # ---- text ---------------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Encode text. With ``allow_special`` control and visual token names become their ids;
-        without it they are encoded as plain text (what user-supplied prompts need)."""
+        without it they are encoded as plain text (what user-supplied prompts need).
+
+        Text is normalised to Unicode NFC first, as the release's tokenizer does, so a decomposed
+        accent (``Cafe\u0301``) and a precomposed one (``Caf\u00e9``) give the same ids."""
+        text = unicodedata.normalize("NFC", text)
         if not allow_special:
             return self._encoding.encode(text, disallowed_special=())
         ids: list[int] = []

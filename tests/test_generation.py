@@ -10,7 +10,7 @@ from service.engine.reference import ReferenceEngine
 from service.record import RecordImage, RecordText, story_pb2
 from service.record.visualise import vis_main
 from service.task import AnswerBuilder, GenerationOptions, plan_request
-from service.token_layout import ImageSegment, TextSegment
+from service.token_layout import ImageSegment, IncompleteImageSegment, TextSegment, parse
 from service.types import SamplingSettings
 from service.vq import VisionTokenizer
 from tests.sync_pipeline import generate
@@ -27,7 +27,7 @@ def parts(tiny_dir, tiny_tokenizer):
 def test_plan_request_fills_task_defaults(tiny_tokenizer):
     tok = tiny_tokenizer
     req = plan_request(tok, "t2i", "a cat", [], GenerationOptions(), "r1")
-    assert req.target_grid == (55, 73) and req.cfg_scale == 2.0 and req.stop_token_ids == (tok.ids.eoi,)
+    assert req.target_grid == (55, 73) and req.cfg_scale == 2.0 and req.stop_token_ids == (tok.ids.eoi, tok.ids.eos)
     req = plan_request(tok, "story", "a cat", [], GenerationOptions(size="1:1"), "r2")
     assert req.target_grid == (45, 45) and req.stop_token_ids == (tok.ids.eos,) and req.max_new_tokens == 32768
     grid = np.zeros((12, 20), dtype=np.int64)
@@ -81,3 +81,20 @@ def test_answer_and_record_skip_blank_text_and_pair_images():
     assert len(items) == 2 and items[0] == RecordText("hi")
     assert isinstance(items[1], RecordImage) and items[1].image is img and items[1].png == b"png"
     assert [(p.type, p.text, p.image_index) for p in answer.parts] == [("text", "hi", None), ("image", None, 0)]
+
+
+def test_x2i_without_reference_images_lets_the_model_write_the_header(parts):
+    """As the release: no size is set, so the header is sampled (two digits per side, design.md §5.1)."""
+    engine, _vq, tok = parts
+    req = plan_request(tok, "x2i", "a red house", [], GenerationOptions(text=GREEDY, image=GREEDY,
+                                                                        max_new_tokens=160), "x2i-free")
+    assert req.target_grid is None
+    ids = engine.generate_ids(req)
+    start = ids.index(tok.ids.boi)
+    header = ids[start + 1:ids.index(tok.ids.img, start)]
+    assert len(header) == 5 and header[2] == tok.star_id
+    h = 10 * tok.digit_value(header[0]) + tok.digit_value(header[1])
+    w = 10 * tok.digit_value(header[3]) + tok.digit_value(header[4])
+    assert 10 <= h <= 99 and 10 <= w <= 99
+    (image,) = [s for s in parse(tok, ids) if isinstance(s, (ImageSegment, IncompleteImageSegment))]
+    assert (image.height, image.width) == (h, w)

@@ -18,7 +18,7 @@ from service.record import (
     encode_png,
     story_pb2,
 )
-from service.record.visualise import vis_main, write_story
+from service.record.visualise import video_frames, vis_main, write_story
 
 
 def img(w: int, h: int, color=(255, 0, 0)) -> Image.Image:
@@ -179,10 +179,11 @@ def sample_story() -> story_pb2.Story:
     return build_story("Tell a story", [img(20, 10, (9, 9, 9))], items, "story-1")
 
 
+#: The release's visualiser on sample_story(): one reference, so the segment counter starts at 1.
 EXPECTED_FILES = {
     "000_question.txt",
     "000_global_cot.txt",
-    "000_00_reference.png",
+    "000_reference_image.png",
     "001_text.txt",
     "001_00_image.png",
     "001_00_image_cot.txt",
@@ -196,32 +197,46 @@ def files_in(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
 
 
-def test_visualiser_writes_expected_files(tmp_path):
+def test_visualiser_writes_the_release_layout(tmp_path):
     story = sample_story()
     pb = tmp_path / "rec.pb"
     pb.write_bytes(story.SerializeToString())
     out = tmp_path / "out"
     assert vis_main([str(pb), "--out", str(out)]) == 0
     assert files_in(out) == EXPECTED_FILES
-    assert (out / "000_question.txt").read_text(encoding="utf-8") == "Tell a story"
-    assert (out / "000_global_cot.txt").read_text(encoding="utf-8") == "global plan"
-    assert (out / "001_text.txt").read_text(encoding="utf-8") == "Once upon a time"
-    assert (out / "002_text.txt").read_text(encoding="utf-8") == "The end."
-    assert (out / "001_00_image_cot.txt").read_text(encoding="utf-8") == "draw a castle"
+    assert (out / "000_question.txt").read_text(encoding="utf-8") == "Tell a story\n"
+    assert (out / "000_global_cot.txt").read_text(encoding="utf-8") == "global plan\n"
+    assert (out / "001_text.txt").read_text(encoding="utf-8") == "Once upon a time\n"
+    assert (out / "002_text.txt").read_text(encoding="utf-8") == "The end.\n"
+    assert (out / "001_00_image_cot.txt").read_text(encoding="utf-8") == "draw a castle\n"
     # PNG payloads are written byte for byte.
     assert (out / "001_00_image.png").read_bytes() == story.clips[0].segments[0].images[0].image.image_data
     assert Image.open(out / "001_01_image.png").size == (32, 32)
     assert Image.open(out / "002_00_image.png").size == (16, 24)
-    assert Image.open(out / "000_00_reference.png").size == (20, 10)
+    assert Image.open(out / "000_reference_image.png").size == (20, 10)
 
 
-def test_visualiser_t2i_record_has_no_text_or_global_cot(tmp_path):
-    story = build_story("a cat", [], [RecordImage(img(8, 8))], "t2i")
+def test_visualiser_counts_from_the_number_of_references_and_writes_empty_text(tmp_path):
+    """Three references: files 000..002_reference_image.png and the first segment is 003; a T2I
+    answer's image-only clip still gets its (empty) text file, blank CoTs get none."""
+    items = [RecordImage(img(8, 8)), RecordText("after"), RecordImageCot("  "), RecordImage(img(8, 8))]
+    story = build_story("q", [img(4, 4)] * 3, items, "x")
     write_story(story, tmp_path)
-    assert files_in(tmp_path) == {"000_question.txt", "001_00_image.png"}
+    assert files_in(tmp_path) == {
+        "000_question.txt", "000_reference_image.png", "001_reference_image.png", "002_reference_image.png",
+        "003_text.txt", "003_00_image.png", "004_text.txt", "004_00_image.png",
+    }
+    assert (tmp_path / "003_text.txt").read_text(encoding="utf-8") == "\n"
 
 
-def test_visualiser_reencodes_non_png_and_joins_segments(tmp_path):
+def test_visualiser_t2i_record(tmp_path):
+    story = build_story("a cat", [], [RecordImage(img(8, 8))], "t2i")
+    story.summary = " \n"  # blank: no global CoT file
+    write_story(story, tmp_path)
+    assert files_in(tmp_path) == {"000_question.txt", "001_text.txt", "001_00_image.png"}
+
+
+def test_visualiser_numbers_every_segment_and_reencodes_non_png(tmp_path):
     buf = io.BytesIO()
     img(8, 6).save(buf, format="JPEG")
     jpeg = story_pb2.ImageMeta(image=story_pb2.Image(width=8, height=6, format=story_pb2.JPEG, image_data=buf.getvalue()))
@@ -230,8 +245,9 @@ def test_visualiser_reencodes_non_png_and_joins_segments(tmp_path):
         clips=[story_pb2.Clip(segments=[story_pb2.Segment(asr="a", images=[jpeg]), story_pb2.Segment(asr="b", images=[jpeg])])],
     )
     write_story(story, tmp_path)
-    assert files_in(tmp_path) == {"000_question.txt", "001_text.txt", "001_00_image.png", "001_01_image.png"}
-    assert (tmp_path / "001_text.txt").read_text(encoding="utf-8") == "a\nb"
+    assert files_in(tmp_path) == {"000_question.txt", "001_text.txt", "001_00_image.png", "002_text.txt",
+                                  "002_00_image.png"}
+    assert (tmp_path / "002_text.txt").read_text(encoding="utf-8") == "b\n"
     with Image.open(tmp_path / "001_00_image.png") as im:
         assert im.format == "PNG" and im.size == (8, 6)
 
@@ -242,8 +258,8 @@ def test_visualiser_directory_scan(tmp_path):
     (src / "b" / "deep").mkdir(parents=True)
     data = sample_story().SerializeToString()
     (src / "top.pb").write_bytes(data)
-    (src / "a" / "same.pb").write_bytes(data)
-    (src / "b" / "deep" / "same.pb").write_bytes(data)
+    (src / "a" / "same.proto").write_bytes(data)
+    (src / "b" / "deep" / "same.bin").write_bytes(data)
     (src / "b" / "ignored.txt").write_text("not a record")
     out = tmp_path / "out"
     assert vis_main([str(src), "--out", str(out)]) == 0
@@ -262,10 +278,13 @@ def test_visualiser_errors(tmp_path):
     assert vis_main([str(bad.parent), "--out", str(tmp_path / "o")]) == 1
 
 
-def test_visualiser_video(tmp_path):
+def test_visualiser_video_follows_the_release_sequence(tmp_path):
     imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
     story = sample_story()
     story.clips[0].segments[0].asr = "A long line of text " * 20 + "中文"  # wraps; non-latin must not crash
+    frames = video_frames(story)
+    # question, reference, text, 2 images, text, 1 image; all at the reference's size
+    assert len(frames) == 7 and {f.size for f in frames} == {(20, 10)}
     pb = tmp_path / "rec.pb"
     pb.write_bytes(story.SerializeToString())
     out = tmp_path / "out"
@@ -273,10 +292,18 @@ def test_visualiser_video(tmp_path):
     assert files_in(out) == EXPECTED_FILES | {"video.mp4"}
     gen = imageio_ffmpeg.read_frames(str(out / "video.mp4"))
     meta = next(gen)
-    w, h = meta["size"]
-    assert w % 2 == 0 and h % 2 == 0
-    assert w >= 48 and h > 32  # image plus a text panel
-    assert meta["fps"] == pytest.approx(0.5)
-    frames = list(gen)
-    assert len(frames) == 3  # one per generated image (reference excluded)
-    assert all(len(f) == w * h * 3 for f in frames)
+    assert meta["fps"] == pytest.approx(1.0)
+    assert len(list(gen)) == 7
+    no_images = story_pb2.Story(question="q", clips=[story_pb2.Clip(segments=[story_pb2.Segment(asr="t")])])
+    assert {f.size for f in video_frames(no_images)} == {(512, 512)}
+
+
+def test_several_global_cots_keep_the_last():
+    """The release keeps the last global chain of thought in ``summary``; nothing is joined."""
+    items = [RecordGlobalCot("first plan"), RecordText("t"), RecordGlobalCot("second plan"), RecordImage(img(8, 8))]
+    s = build_story("q", [], items, story_id="x")
+    assert s.summary == "second plan"
+    b = StoryBuilder(question="q", reference_images=[], story_id="x")
+    b.add_global_cot("a")
+    b.add_global_cot("b")
+    assert b.story.summary == "b"

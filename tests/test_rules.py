@@ -13,16 +13,21 @@ from service.engine.policy.rules import (
     CAT_NONZERO_DIGIT,
     CAT_TEXT,
     CAT_VISUAL,
+    HEADER,
     PIXELS,
     TEXT,
     Guidance,
     RowState,
+    SamplingColumns,
     VocabTables,
     advance,
     constraints,
     guide_,
+    host_mode,
     mask_,
+    next_tokens,
     sample,
+    sampling_columns,
 )
 
 # A 20-token vocabulary: '0'..'9' = 0..9, '*' = 10, BOI 11, IMG 12, EOI 13, EOL 14, text 15, 16,
@@ -162,3 +167,56 @@ def test_sample_seed_reproducible_whatever_the_batch():
         return out
     assert run(7, 1) == run(7, 3)
     assert run(7, 1) != run(8, 1)
+
+
+def test_stray_img_eol_eoi_in_text_do_not_switch_modes(tables):
+    """Image mode is entered only through BOI → header → IMG, on the device and in the host mirror."""
+    state = RowState.empty(1)
+    mode = TEXT
+    for t in (IMG, EOL, EOI, T1, IMG):
+        feed(state, tables, [t])
+        mode = host_mode(mode, t, tables)
+        assert int(state.mode[0]) == mode == TEXT
+        assert next_rule(state, tables) == (CAT_TEXT, -1)
+    for t, want in ((BOI, HEADER), (1, HEADER), (STAR, HEADER), (1, HEADER), (IMG, PIXELS), (V0, PIXELS),
+                    (EOI, TEXT)):
+        feed(state, tables, [t])
+        mode = host_mode(mode, t, tables)
+        assert int(state.mode[0]) == mode == want, t
+
+
+def test_a_stray_img_never_leads_to_a_visual_token(tables):
+    """What the engines do each step: columns from the host mirror, then next_tokens. After a stray
+    IMG the largest logit is visual, yet the token is text."""
+    state, mode = RowState.empty(1), TEXT
+    for t in (T1, IMG):
+        feed(state, tables, [t])
+        mode = host_mode(mode, t, tables)
+    logits = torch.zeros(1, 20)
+    logits[0, V1] = 9.0
+    logits[0, T2] = 1.0
+    one = lambda x: torch.tensor([x])  # noqa: E731
+    cols = SamplingColumns(one(1), one(1.0), one(1.0))
+    token = next_tokens(logits, state, tables, None, cols, cols, 1,
+                        columns=sampling_columns([mode == PIXELS], tables))
+    assert int(token) == T2
+
+
+def test_top_k_keeps_every_logit_tied_with_the_kth():
+    """As in the release: top-k 2 over [5, 3, 3, 3, 1] keeps the 5 and all three 3s, never the 1."""
+    logits = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(400):
+        t = sample(logits, torch.tensor([2]), torch.tensor([1.0]), torch.tensor([50.0]), 2, [g], [2])
+        seen.add(int(t))
+    assert seen == {0, 1, 2, 3}
+    # a batch: each row its own k, ties judged against its own k-th value
+    batch = torch.tensor([[4.0, 4.0, 4.0, 0.0], [4.0, 3.0, 2.0, 1.0]])
+    seen_rows: list[set[int]] = [set(), set()]
+    for _ in range(300):
+        t = sample(batch, torch.tensor([1, 2]), torch.ones(2), torch.tensor([1.0, 50.0]), 2)
+        seen_rows[0].add(int(t[0]))
+        seen_rows[1].add(int(t[1]))
+    assert seen_rows[1] == {0, 1}
+    assert seen_rows[0] <= {0, 1, 2}  # top-k 1 is greedy: one of the tied maxima

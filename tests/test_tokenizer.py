@@ -117,3 +117,12 @@ def test_codes_ids_vectorised(tok):
         tok.codes_to_ids(np.array([131072]))
     with pytest.raises(ValueError):
         tok.ids_to_codes(np.array([tok.ids.eoi]))
+
+
+def test_text_is_nfc_normalised_before_bpe(real_tokenizer):
+    """The release normalises to NFC: a decomposed accent gives the precomposed form's ids."""
+    tok = real_tokenizer
+    for allow_special in (True, False):
+        decomposed = tok.encode("Cafe\u0301 au lait", allow_special=allow_special)
+        assert decomposed == tok.encode("Caf\u00e9 au lait", allow_special=allow_special)
+    assert tok.decode(tok.encode("Cafe\u0301")) == "Caf\u00e9"

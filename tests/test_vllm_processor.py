@@ -209,3 +209,26 @@ def test_probe_answer_follows_its_row_through_moves_and_ends_with_removal():
     proc.update_state(BatchUpdate(batch_size=3, removed=[], added=[(0, probe_params(False), [1], [])],
                                   moved=[(0, 1, MoveDirectionality.UNIDIRECTIONAL)]))
     assert proc.probes == {1: EOI}
+
+
+def test_a_stray_img_in_text_mode_keeps_the_row_in_text_mode():
+    """IMG (or EOL, EOI) sampled in text does not open an image: the next token is still a text token,
+    never a visual one, even when a visual logit is the largest (issue: stray IMG → visual text)."""
+    for stray in ([IMG], [16, IMG], [IMG, EOL, EOI]):
+        proc, _ = processor_with((params(COND, target=None), list(stray)), (params(UNCOND, target=None), list(stray)))
+        logits = torch.zeros(2, V)
+        logits[:, 25] = 9.0  # visual
+        logits[:, 18] = 5.0  # text
+        out = proc.apply(logits)
+        assert chosen(out[0]) == 18 and chosen(out[1]) == 18, stray
+        assert [row.mode for row in proc.rows[:2]] == [0, 0]
+
+
+def test_image_mode_is_entered_through_boi_header_img_only():
+    header = [BOI, 2, STAR, 2, IMG]
+    proc, _ = processor_with((params(COND), header), (params(UNCOND), header))
+    logits = torch.zeros(2, V)
+    logits[:, 25] = 9.0
+    logits[:, 18] = 10.0  # text is not allowed in a body
+    out = proc.apply(logits)
+    assert chosen(out[0]) == 25

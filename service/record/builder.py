@@ -14,7 +14,7 @@ Mapping rules:
 * ``Story.reference_images`` = the input images, each ``ImageMeta{image_id="reference_%04d",
   image=Image{width, height, format=PNG, image_data=<png bytes>}}``.
 * ``Story.summary`` = the global CoT. Should a generation contain more than one global CoT
-  span, they are joined with a newline.
+  span, the last one is kept, as the release's records do.
 * Every text span opens a new ``Clip`` (``clip_id = "clip_%04d"``, numbered from 0 in order of
   creation) holding one ``Segment`` whose ``asr`` is the text, stored verbatim (no stripping;
   an empty span still opens a clip -- deciding which spans exist is the parser's job).
@@ -159,8 +159,8 @@ class StoryBuilder:
         return self._story.clips[-1]
 
     def add_global_cot(self, text: str) -> None:
-        """Set (or extend, newline-joined) ``summary``."""
-        self._story.summary = _join(self._story.summary, text)
+        """Set ``summary``; a later global CoT replaces an earlier one (the release keeps the last)."""
+        self._story.summary = text
 
     def add_image_cot(self, text: str) -> None:
         """Remember a per-image CoT for the next image (newline-joined if several)."""

@@ -1,37 +1,36 @@
 """Write a Story record (``.pb``) out as plain files, optionally with a slideshow video.
 
-CLI (wired by the lead as ``python -m service vis``; also ``python -m service.record.visualise``)::
+CLI (``python -m service vis``; also ``python -m service.record.visualise``)::
 
-    python -m service vis RECORD.pb --out DIR [--video]
-    python -m service vis RECORDS_DIR --out DIR [--video]
+    python -m service vis RECORD.pb --out DIR [--video] [--fps N]
+    python -m service vis RECORDS_DIR --out DIR [--video] [--fps N]
 
-A file is written straight into ``--out``. A directory is scanned recursively for ``*.pb``;
-each record goes to ``--out/<relative dir>/<stem>/`` so equal stems in different folders
-do not collide.
+The files are named exactly as the release's visualiser names them, because users' scripts read
+those names (docs/design.md §7). A file is written straight into ``--out``. A directory is scanned
+recursively for ``*.pb``, ``*.proto`` and ``*.bin``; each record goes to
+``--out/<relative path without the extension>/``.
 
-Layout of one record (docs/design.md §7):
+Layout of one record:
 
-=========================  ===========================================================
-``000_question.txt``       ``Story.question`` (always written, may be empty)
-``000_global_cot.txt``     ``Story.summary``; only when non-empty
-``000_MM_reference.png``   reference image MM (00, 01, ...); an addition to the design notes (docs/design.md §7)
-``NNN_text.txt``           clip NNN's text; only when non-empty (an image-first clip of a
-                           T2I answer has none)
-``NNN_MM_image.png``       image MM (from 00) of clip NNN
-``NNN_MM_image_cot.txt``   that image's ``chain_of_thought``; only when non-empty
-``video.mp4``              with ``--video`` and at least one image
-=========================  ===========================================================
+================================  ===========================================================
+``000_question.txt``              ``Story.question`` and a newline (always written)
+``000_global_cot.txt``            ``Story.summary`` and a newline; only when not blank
+``{i:03d}_reference_image.png``   reference image i (0, 1, ...)
+``{n:03d}_text.txt``              segment n's ``asr`` and a newline, written even when empty
+``{n:03d}_{j:02d}_image.png``     image j (from 00) of segment n
+``{n:03d}_{j:02d}_image_cot.txt`` that image's ``chain_of_thought``; only when not blank
+``video.mp4``                     with ``--video``
+================================  ===========================================================
 
-Clips are numbered NNN = 001, 002, ... in record order (000 is reserved for the question,
-the global CoT and the reference images). Records from elsewhere may hold several segments
-per clip: their ``asr`` texts are joined with newlines into ``NNN_text.txt`` and their images
-are numbered MM consecutively across the clip. Images are written as PNG: PNG payloads are
-copied byte for byte, other formats are decoded and re-encoded; an image with no
-``image_data`` (only ``image_path``) is skipped with a warning.
+The counter n runs over every segment of every clip in order. It starts at 1, or at the number of
+reference images when there are any (so with two references the first text is ``002_text.txt``);
+both are the release's rules. Images are written as PNG: PNG payloads are copied byte for byte,
+other formats are decoded and re-encoded; an image with no ``image_data`` (only ``image_path``) is
+skipped with a warning.
 
-The video has one frame per generated image (reference images excluded), held for
-``--seconds-per-image`` seconds (fps = 1/seconds), the clip's text wrapped in a panel below
-the image; all frames share one size, padded to multiples of 16 (even, as yuv420p needs).
+The video, as the release's: a card with the question (when not blank), the reference images, then
+per segment a card with its text (when not blank) and its images; every frame has the size of the
+first image (references first, 512×512 when there is none), one frame per ``1/fps`` seconds.
 """
 
 from __future__ import annotations
@@ -39,40 +38,24 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from . import story_pb2
 
-__all__ = ["load_story", "write_story", "write_video", "vis_main", "VideoFrame"]
+__all__ = ["load_story", "write_story", "write_video", "video_frames", "vis_main"]
 
-_MAX_VIDEO_SIDE = 768  # images larger than this are scaled down in the video
+_RECORD_SUFFIXES = (".pb", ".proto", ".bin")
+_NO_IMAGE_SIZE = (512, 512)
 _TEXT_MARGIN = 12
-_MAX_TEXT_LINES = 24
 _BLOCK = 16
 
 
 def load_story(path: str | Path) -> story_pb2.Story:
     return story_pb2.Story.FromString(Path(path).read_bytes())
-
-
-@dataclass
-class VideoFrame:
-    image: PILImage.Image
-    text: str
-
-
-def _clip_text(clip: story_pb2.Clip) -> str:
-    return "\n".join(seg.asr for seg in clip.segments if seg.asr)
-
-
-def _iter_clip_images(clip: story_pb2.Clip) -> Iterator[story_pb2.ImageMeta]:
-    for seg in clip.segments:
-        yield from seg.images
 
 
 def _png_bytes(meta: story_pb2.ImageMeta) -> bytes | None:
@@ -87,65 +70,82 @@ def _png_bytes(meta: story_pb2.ImageMeta) -> bytes | None:
         return buf.getvalue()
 
 
-def _write_text(path: Path, text: str, written: list[Path]) -> None:
-    path.write_text(text, encoding="utf-8")
+def _write_line(path: Path, text: str, written: list[Path]) -> None:
+    """Text and a newline: what the release's visualiser writes (it prints each text to its file)."""
+    path.write_text(text + "\n", encoding="utf-8")
     written.append(path)
 
 
-def write_story(
-    story: story_pb2.Story,
-    out_dir: str | Path,
-    video: bool = False,
-    seconds_per_image: float = 2.0,
-) -> list[Path]:
-    """Write ``story`` into ``out_dir`` (created if needed); returns the paths written."""
+def _write_png(path: Path, meta: story_pb2.ImageMeta, what: str, written: list[Path]) -> None:
+    data = _png_bytes(meta)
+    if data is None:
+        print(f"warning: {what} has no image_data; skipped", file=sys.stderr)
+        return
+    path.write_bytes(data)
+    written.append(path)
+
+
+def _segments(story: story_pb2.Story) -> Iterator[story_pb2.Segment]:
+    for clip in story.clips:
+        yield from clip.segments
+
+
+def first_segment_number(story: story_pb2.Story) -> int:
+    """The release's counter start: the number of reference images, or 1 when there are none."""
+    return len(story.reference_images) or 1
+
+
+def write_story(story: story_pb2.Story, out_dir: str | Path, video: bool = False, fps: float = 1.0) -> list[Path]:
+    """Write ``story`` into ``out_dir`` (created if needed) in the release's layout; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    frames: list[VideoFrame] = []
-
-    _write_text(out / "000_question.txt", story.question, written)
-    if story.summary:
-        _write_text(out / "000_global_cot.txt", story.summary, written)
-    for mm, meta in enumerate(story.reference_images):
-        data = _png_bytes(meta)
-        if data is None:
-            print(f"warning: reference image {mm} has no image_data; skipped", file=sys.stderr)
-            continue
-        path = out / f"000_{mm:02d}_reference.png"
-        path.write_bytes(data)
-        written.append(path)
-
-    for ci, clip in enumerate(story.clips):
-        nnn = f"{ci + 1:03d}"
-        text = _clip_text(clip)
-        if text:
-            _write_text(out / f"{nnn}_text.txt", text, written)
-        for mm, meta in enumerate(_iter_clip_images(clip)):
-            data = _png_bytes(meta)
-            if data is None:
-                print(f"warning: clip {nnn} image {mm} has no image_data; skipped", file=sys.stderr)
-                continue
-            path = out / f"{nnn}_{mm:02d}_image.png"
-            path.write_bytes(data)
-            written.append(path)
-            if meta.chain_of_thought:
-                _write_text(out / f"{nnn}_{mm:02d}_image_cot.txt", meta.chain_of_thought, written)
-            if video:
-                with PILImage.open(io.BytesIO(data)) as pil:
-                    frames.append(VideoFrame(pil.convert("RGB"), text))
-
+    _write_line(out / "000_question.txt", story.question, written)
+    if story.summary.strip():
+        _write_line(out / "000_global_cot.txt", story.summary, written)
+    for i, meta in enumerate(story.reference_images):
+        _write_png(out / f"{i:03d}_reference_image.png", meta, f"reference image {i}", written)
+    for n, segment in enumerate(_segments(story), start=first_segment_number(story)):
+        _write_line(out / f"{n:03d}_text.txt", segment.asr, written)
+        for j, meta in enumerate(segment.images):
+            _write_png(out / f"{n:03d}_{j:02d}_image.png", meta, f"segment {n:03d} image {j}", written)
+            if meta.chain_of_thought.strip():
+                _write_line(out / f"{n:03d}_{j:02d}_image_cot.txt", meta.chain_of_thought, written)
     if video:
-        if frames:
-            path = out / "video.mp4"
-            write_video(frames, path, seconds_per_image=seconds_per_image)
-            written.append(path)
-        else:
-            print(f"warning: {out}: no images, no video written", file=sys.stderr)
+        path = out / "video.mp4"
+        write_video(video_frames(story), path, fps=fps)
+        written.append(path)
     return written
 
 
 # --------------------------------------------------------------------------- video rendering
+
+
+def _decoded(meta: story_pb2.ImageMeta) -> PILImage.Image | None:
+    if not meta.image.image_data:
+        return None
+    with PILImage.open(io.BytesIO(meta.image.image_data)) as pil:
+        return pil.convert("RGB")
+
+
+def video_frames(story: story_pb2.Story) -> list[PILImage.Image]:
+    """The release's frame sequence: question card, references, then per segment a text card and
+    its images, all at the first image's size (references first; 512×512 without any image)."""
+    refs = [im for im in (_decoded(m) for m in story.reference_images) if im is not None]
+    segments = [(seg.asr, [im for im in (_decoded(m) for m in seg.images) if im is not None])
+                for seg in _segments(story)]
+    first = refs[:1] or [im for _, ims in segments for im in ims][:1]
+    size = first[0].size if first else _NO_IMAGE_SIZE
+    fit = lambda im: im if im.size == size else im.resize(size, PILImage.Resampling.LANCZOS)  # noqa: E731
+    frames: list[PILImage.Image] = []
+    if story.question.strip():
+        frames.append(text_card(story.question, size))
+    frames += [fit(im) for im in refs]
+    for text, images in segments:
+        if text.strip():
+            frames.append(text_card(text, size))
+        frames += [fit(im) for im in images]
+    return frames
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -182,65 +182,47 @@ def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
                     lines.append(line)
                     line = ch
         lines.append(line)
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if len(lines) > _MAX_TEXT_LINES:
-        lines = lines[: _MAX_TEXT_LINES - 1] + ["..."]
     return lines
 
 
-def _round_up(x: int, m: int = _BLOCK) -> int:
-    return max(m, -(-x // m) * m)
-
-
-def _scaled(img: PILImage.Image) -> PILImage.Image:
-    w, h = img.size
-    scale = min(1.0, _MAX_VIDEO_SIDE / max(w, h))
-    if scale < 1.0:
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), PILImage.BICUBIC)
-    return img
-
-
-def render_frames(frames: Sequence[VideoFrame]) -> list[PILImage.Image]:
-    """Compose image + wrapped text panel for each frame; all outputs share one even size."""
+def text_card(text: str, size: tuple[int, int]) -> PILImage.Image:
+    """White text wrapped on a black frame of ``size``; lines that do not fit are cut."""
     font = _font()
-    images = [_scaled(f.image) for f in frames]
-    img_w = max(i.width for i in images)
-    img_h = max(i.height for i in images)
-    panel_w = max(img_w, 320)
-    text_w = panel_w - 2 * _TEXT_MARGIN
-    probe = ImageDraw.Draw(PILImage.new("RGB", (1, 1)))
+    card = PILImage.new("RGB", size, (0, 0, 0))
+    draw = ImageDraw.Draw(card)
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 3)
     line_h = ascent + descent + 4
-    wrapped = [_wrap(_drawable(f.text, font), font, text_w, probe) for f in frames]
-    n_lines = max((len(w) for w in wrapped), default=0)
-    text_h = 2 * _TEXT_MARGIN + n_lines * line_h if n_lines else 0
-    width = _round_up(panel_w)
-    height = _round_up(img_h + text_h)
-
-    out = []
-    for img, lines in zip(images, wrapped):
-        canvas = PILImage.new("RGB", (width, height), (0, 0, 0))
-        canvas.paste(img, ((width - img.width) // 2, (img_h - img.height) // 2))
-        draw = ImageDraw.Draw(canvas)
-        y = img_h + _TEXT_MARGIN
-        for line in lines:
-            draw.text((_TEXT_MARGIN + (width - panel_w) // 2, y), line, fill=(255, 255, 255), font=font)
-            y += line_h
-        out.append(canvas)
-    return out
+    y = _TEXT_MARGIN
+    for line in _wrap(_drawable(text, font), font, max(1, size[0] - 2 * _TEXT_MARGIN), draw):
+        if y + line_h > size[1]:
+            break
+        draw.text((_TEXT_MARGIN, y), line, fill=(255, 255, 255), font=font)
+        y += line_h
+    return card
 
 
-def write_video(frames: Sequence[VideoFrame], path: str | Path, seconds_per_image: float = 2.0) -> None:
-    """Encode one video frame per entry of ``frames`` (H.264, yuv420p) with imageio-ffmpeg."""
+def _padded(frame: PILImage.Image) -> PILImage.Image:
+    """Pad right and bottom to multiples of 16 (H.264 in yuv420p needs even sides)."""
+    w, h = frame.size
+    pw, ph = -(-w // _BLOCK) * _BLOCK, -(-h // _BLOCK) * _BLOCK
+    if (pw, ph) == (w, h):
+        return frame
+    canvas = PILImage.new("RGB", (pw, ph), (0, 0, 0))
+    canvas.paste(frame, (0, 0))
+    return canvas
+
+
+def write_video(frames: list[PILImage.Image], path: str | Path, fps: float = 1.0) -> None:
+    """Encode the frames (all of one size) as H.264, yuv420p, with imageio-ffmpeg."""
     import imageio_ffmpeg  # lazily: only the --video path needs ffmpeg
 
-    rendered = render_frames(frames)
-    size = rendered[0].size
+    if not frames:
+        frames = [PILImage.new("RGB", _NO_IMAGE_SIZE)]
+    rendered = [_padded(f) for f in frames]
     writer = imageio_ffmpeg.write_frames(
         str(path),
-        size,
-        fps=1.0 / seconds_per_image,
+        rendered[0].size,
+        fps=fps,
         codec="libx264",
         pix_fmt_out="yuv420p",
         macro_block_size=_BLOCK,
@@ -262,24 +244,26 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m service vis",
         description="Write Emu3.5 Story records (.pb) out as text/PNG files (and a video).",
     )
-    p.add_argument("record", type=Path, help="a .pb record, or a directory scanned recursively for *.pb")
+    p.add_argument("record", type=Path,
+                   help="a record, or a directory scanned recursively for *.pb, *.proto and *.bin")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--video", action="store_true", help="also write video.mp4 (one frame per image)")
-    p.add_argument("--seconds-per-image", type=float, default=2.0, help="video: how long each image shows")
+    p.add_argument("--video", action="store_true", help="also write video.mp4 (the release's frame sequence)")
+    p.add_argument("--fps", type=float, default=1.0, help="video: frames per second (default 1, as the release)")
     return p
 
 
 def vis_main(argv: list[str]) -> int:
     """Entry point of ``python -m service vis``; returns the process exit code."""
     args = _parser().parse_args(argv)
-    if args.seconds_per_image <= 0:
-        print("error: --seconds-per-image must be > 0", file=sys.stderr)
+    if args.fps <= 0:
+        print("error: --fps must be > 0", file=sys.stderr)
         return 2
     src: Path = args.record
     if src.is_dir():
-        jobs = [(pb, args.out / pb.relative_to(src).parent / pb.stem) for pb in sorted(src.rglob("*.pb"))]
+        records = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in _RECORD_SUFFIXES)
+        jobs = [(pb, args.out / pb.relative_to(src).with_suffix("")) for pb in records]
         if not jobs:
-            print(f"error: no *.pb files under {src}", file=sys.stderr)
+            print(f"error: no *.pb, *.proto or *.bin files under {src}", file=sys.stderr)
             return 1
     elif src.is_file():
         jobs = [(src, args.out)]
@@ -291,7 +275,7 @@ def vis_main(argv: list[str]) -> int:
     for pb, out in jobs:
         try:
             story = load_story(pb)
-            write_story(story, out, video=args.video, seconds_per_image=args.seconds_per_image)
+            write_story(story, out, video=args.video, fps=args.fps)
         except Exception as exc:  # noqa: BLE001 - keep going over a directory; report at the end
             failures += 1
             print(f"error: {pb}: {type(exc).__name__}: {exc}", file=sys.stderr)

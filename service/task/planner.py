@@ -181,7 +181,8 @@ def build_request(tok: Emu35Tokenizer, plan: Plan, question: str, reference_grid
         assert target is not None
         raise PlanError(f"max_new_tokens {max_new} cannot hold a {target[0]}×{target[1]}-token image "
                         f"({need} tokens)", "max_new_tokens" if plan.max_new_tokens_given else "size")
-    stop = (tok.ids.eoi,) if plan.stop == "eoi" else (tok.ids.eos,)
+    # EOS ends every answer (the text sampler may write it before any image); T2I/X2I also stop at EOI
+    stop = (tok.ids.eoi, tok.ids.eos) if plan.stop == "eoi" else (tok.ids.eos,)
     return GenerationRequest(
         request_id=request_id,
         cond_prompt=prompts.cond,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 #: Bump when the tiny checkpoints change, so stale caches are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: the tiny VQ has the real widths (embed_dim and z_channels 256) and flags
 MANIFEST = "manifest.json"
 
 

@@ -1,10 +1,12 @@
 """A tiny IBQ checkpoint in the exact folder format of Emu3.5-VisionTokenizer, for tests and the demo.
 
 Same structure as the real tokenizer — 16× downsampling (five levels), attention at one level and in
-the middle, and the REAL codebook size of 131,072 codes, so visual-token ids cover the real range —
-but thin layers (ch 32, one ResNet block per level) and a 32-dim codebook instead of 256
-(131,072 × 32 × 4 B = 16 MiB instead of 128 MiB). Weights are random but deterministic for a seed;
-the state dict is written wrapped as ``{"state_dict": ...}`` to exercise that loading path.
+the middle — and the real widths and flags where code outside this project depends on them: the real
+codebook of 131,072 codes of dimension 256 (the release's decode path reshapes embeddings to
+``(1, h, w, 256)``), ``z_channels`` 256, and ``use_entropy_loss: false`` (with ``true`` the release's
+encoder fails in eval mode). Only the convolution trunk is thin (ch 32, one ResNet block per level).
+The codebook costs 131,072 × 256 × 4 B = 128 MiB. Weights are random but deterministic for a seed; the
+state dict is written wrapped as ``{"state_dict": ...}`` to exercise that loading path.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ __all__ = ["TINY_VQ_CONFIG", "make_tiny_vq"]
 TINY_VQ_CONFIG: dict = {
     "ddconfig": {
         "double_z": False,
-        "z_channels": 32,
+        "z_channels": 256,
         "resolution": 256,
         "in_channels": 3,
         "out_ch": 3,
@@ -31,10 +33,10 @@ TINY_VQ_CONFIG: dict = {
         "dropout": 0.0,
     },
     "n_embed": 131072,
-    "embed_dim": 32,
+    "embed_dim": 256,
     # training-only keys, present in the real config and ignored by inference
     "beta": 0.25,
-    "use_entropy_loss": True,
+    "use_entropy_loss": False,
     "cosine_similarity": False,
     "entropy_temperature": 0.01,
     "sample_minimization_weight": 1.0,

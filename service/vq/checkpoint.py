@@ -1,7 +1,8 @@
 """Read and write IBQ checkpoint folders: ``config.yaml`` + ``model.ckpt`` (design.md §6).
 
 ``config.yaml``'s top-level keys are the tokenizer's constructor arguments: ``ddconfig`` (encoder /
-decoder shape), ``n_embed``, ``embed_dim``, the honoured ``l2_normalize``, and keys that only matter
+decoder shape), ``n_embed``, ``embed_dim``, ``l2_normalize`` (accepted, never applied: see
+:func:`parse_config`), and keys that only matter
 for training (loss weights and the like). ``model.ckpt`` is a torch state dict, either plain (as the
 release ships it) or wrapped as ``{"state_dict": ...}`` (as Lightning writes it); it is read with
 ``weights_only=True`` so loading a checkpoint never runs pickled code.
@@ -22,6 +23,7 @@ Strictness, and why:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,8 @@ import torch
 import yaml
 
 from service.vq.network import IBQ, DDConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIG_FILE",
@@ -76,7 +80,9 @@ TRAINING_ONLY_KEYS = frozenset(
 )
 
 _REQUIRED_TOP = ("ddconfig", "n_embed", "embed_dim")
-_HONOURED_TOP = ("l2_normalize",)
+#: Keys accepted and reported but not applied. The release's IBQ never passes ``l2_normalize`` to its
+#: quantiser, so the released weights are always used without L2 normalisation whatever it says.
+_NOT_APPLIED_TOP = ("l2_normalize",)
 #: Top-level variant switches accepted only at the value meaning "the classic IBQ".
 _NEUTRAL_TOP: dict[str, Any] = {"remap": None}
 
@@ -137,8 +143,7 @@ class VQConfig:
     ddconfig: DDConfig
     n_embed: int
     embed_dim: int
-    l2_normalize: bool = False
-    #: training-only keys that were present and ignored
+    #: training-only and not-applied keys that were present and ignored
     ignored: tuple[str, ...] = field(default=(), compare=False)
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -158,7 +163,6 @@ class VQConfig:
             },
             "n_embed": self.n_embed,
             "embed_dim": self.embed_dim,
-            "l2_normalize": bool(self.l2_normalize),
         }
 
 
@@ -184,7 +188,7 @@ def parse_config(raw: Mapping[str, Any]) -> VQConfig:
     missing = [k for k in _REQUIRED_TOP if k not in raw]
     if missing:
         raise ConfigError(f"config: missing required key(s): {', '.join(missing)}")
-    known = set(_REQUIRED_TOP) | set(_HONOURED_TOP) | set(_NEUTRAL_TOP) | TRAINING_ONLY_KEYS
+    known = set(_REQUIRED_TOP) | set(_NOT_APPLIED_TOP) | set(_NEUTRAL_TOP) | TRAINING_ONLY_KEYS
     unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
         raise ConfigError(
@@ -232,8 +236,11 @@ def parse_config(raw: Mapping[str, Any]) -> VQConfig:
     l2 = raw.get("l2_normalize", False)
     if not isinstance(l2, bool):
         raise ConfigError(f"config: l2_normalize must be a bool, got {l2!r}")
-    ignored = tuple(sorted(str(k) for k in raw if k in TRAINING_ONLY_KEYS))
-    return VQConfig(dd, raw["n_embed"], raw["embed_dim"], l2, ignored)
+    if l2:
+        logger.info("VQ config: l2_normalize: true is not applied; the release's IBQ never passes it to its "
+                    "quantiser, so its weights are used without L2 normalisation (design.md §6)")
+    ignored = tuple(sorted(str(k) for k in raw if k in TRAINING_ONLY_KEYS or k in _NOT_APPLIED_TOP))
+    return VQConfig(dd, raw["n_embed"], raw["embed_dim"], ignored)
 
 
 def load_config(folder: str | Path) -> VQConfig:

@@ -43,14 +43,13 @@ def nearest_codes(
     z: torch.Tensor,
     codebook: torch.Tensor,
     *,
-    l2_normalize: bool = False,
     chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
     chunk_codes: int = DEFAULT_CHUNK_CODES,
 ) -> torch.Tensor:
     """``argmax_k z[i] · codebook[k]`` for every row ``i`` of ``z`` — without the full score matrix.
 
-    ``z`` is ``(N, D)`` (latent positions), ``codebook`` is ``(K, D)``; returns int64 ``(N,)``. With
-    ``l2_normalize`` both sides are L2-normalised first (cosine similarity).
+    ``z`` is ``(N, D)`` (latent positions), ``codebook`` is ``(K, D)``; returns int64 ``(N,)``. Plain dot products:
+    the release never L2-normalises either side (design.md §6).
 
     Why chunked: the real tokenizer has K = 131,072 codes, and a 1024×1024 image is a 64×64 grid,
     N = 4096, so the dense score matrix is 4096 × 131,072 = 536M scores = 2 GiB in fp32 (the
@@ -79,13 +78,9 @@ def nearest_codes(
     out = torch.empty(n, dtype=torch.long, device=z.device)
     for p0 in range(0, n, chunk_pixels):
         zc = z[p0 : p0 + chunk_pixels].to(dtype)
-        if l2_normalize:
-            zc = F.normalize(zc, dim=1)
         best_score = best_index = None
         for c0 in range(0, k, chunk_codes):
             ec = codebook[c0 : c0 + chunk_codes].to(dtype)
-            if l2_normalize:
-                ec = F.normalize(ec, dim=1)
             scores = zc @ ec.T  # (pixels, codes): the only chunk-sized buffer
             idx = scores.argmax(dim=1)
             val = scores.gather(1, idx[:, None]).squeeze(1)
@@ -194,7 +189,6 @@ class VisionTokenizer:
         codes = nearest_codes(
             flat,
             self.codebook,
-            l2_normalize=self.config.l2_normalize,
             chunk_pixels=self.chunk_pixels,
             chunk_codes=self.chunk_codes,
         )
@@ -233,10 +227,6 @@ class VisionTokenizer:
             raise ValueError(f"decode_tensor: need (B, h, w) codes, got {tuple(codes.shape)}")
         codes = codes.to(device=self.device, dtype=torch.long)
         quant = F.embedding(codes, self.codebook)  # (B, h, w, D)
-        if self.config.l2_normalize:
-            # A codebook trained with l2-normalised lookups decodes from the unit vectors it was
-            # trained to emit (the norm is taken in fp32 then cast back).
-            quant = F.normalize(quant.float(), dim=-1).to(self.dtype)
         quant = quant.permute(0, 3, 1, 2).contiguous()
         return self.model.decode_latents(quant).float()
 

@@ -28,12 +28,15 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from service.engine.policy.pairing import COND, EXTRA_KEY, UNCOND, RowSpec, probe_answer
 from service.engine.policy.rules import (
+    PIXELS,
+    TEXT,
     Guidance,
     RowState,
     SamplingColumns,
     VocabTables,
     advance,
     effective_top_k,
+    host_mode,
     next_tokens,
     sampling_columns,
 )
@@ -49,7 +52,7 @@ class _Row:
     seen: int  # output ids already folded into the row state
     gen: torch.Generator | None
     draws: int
-    in_image: bool = False  # host-side: after IMG, before EOI (picks the sampling columns)
+    mode: int = TEXT  # host-side mirror of the row's rules mode (picks the sampling columns)
 
 
 class Emu35LogitsProcessor(LogitsProcessor):
@@ -219,10 +222,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
                     if t < 0:  # an async-scheduling placeholder: read it next time
                         break
                     new.append(t)
-                    if t == self.tables.img:
-                        row.in_image = True
-                    elif t == self.tables.eoi:
-                        row.in_image = False
+                    row.mode = host_mode(row.mode, t, self.tables)
                 row.seen += len(new)
                 if new:
                     pending.append((i, new))
@@ -261,7 +261,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
         managed = None if self.all_managed else self.managed[:rows]
         if not self.all_managed:
             original = logits.clone()
-        columns = sampling_columns([row.in_image for row in self.rows[:rows] if row is not None], self.tables)
+        columns = sampling_columns([row.mode == PIXELS for row in self.rows[:rows] if row is not None], self.tables)
         tokens = next_tokens(logits, self.state.view(rows), self.tables, self.guidance, text, image, self.k_cap,
                              gens, draws, self.fallback, managed, columns)
         tokens = tokens[self.leader[:rows]]  # the uncond row takes its cond row's token

@@ -288,6 +288,20 @@ def next_tokens(logits: torch.Tensor, state: RowState, tables: VocabTables, guid
     return torch.where(forced >= 0, forced, sampled)
 
 
+def host_mode(mode: int, token: int, tables: VocabTables) -> int:
+    """One row's mode after ``token``, on the host: the transitions of :func:`advance`, nothing more.
+
+    Engines keep this per row to pick the sampling columns without reading the device state back.
+    It must follow :func:`advance` exactly: image mode is entered only through BOI → header → IMG, so
+    an IMG (or EOL, EOI) sampled in text mode leaves the row in text mode, as the release does.
+    """
+    if mode == TEXT:
+        return HEADER if token == tables.boi else TEXT
+    if mode == HEADER:
+        return PIXELS if token == tables.img else HEADER
+    return TEXT if token == tables.eoi else PIXELS
+
+
 def sampling_columns(in_image: Sequence[bool], tables: VocabTables) -> slice:
     """The vocabulary range the next tokens can come from, given which rows are inside an image body
     (after IMG, before EOI: visual tokens, EOL, EOI — forced ones are applied after sampling)."""
@@ -296,6 +310,12 @@ def sampling_columns(in_image: Sequence[bool], tables: VocabTables) -> slice:
     if not any(in_image):
         return slice(0, tables.first_visual)
     return slice(None)
+
+
+#: Candidates a step looks at beyond the largest top-k of the batch, so that logits tied with a row's
+#: k-th value survive top-k as they do in the release (whose top-k keeps every logit >= the k-th).
+#: A run of more than this many ties just past the k-th value is cut; ties inside it are exact.
+TIE_MARGIN = 64
 
 
 def effective_top_k(top_k: int, vocab: int) -> int:
@@ -308,17 +328,19 @@ def sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, tempe
            fallback: torch.Generator | None = None) -> torch.Tensor:
     """top-k → temperature → top-p → draw, per row with its own settings, for the whole batch at once.
 
-    ``k_cap`` (a host-side int: the largest top-k any row may use) bounds the one ``topk`` call. Draws use
-    the exponential-race form (argmax p/q, q ~ Exp(1)), which equals sampling from p. A row with its own
-    generator consumes exactly ``draws[i]`` numbers per step, a constant of its request, so a seeded
-    request reproduces its tokens whatever else shares the batch.
+    ``k_cap`` (a host-side int: the largest top-k any row may use) bounds the one ``topk`` call, which
+    takes ``TIE_MARGIN`` more candidates so that every logit equal to a row's k-th value survives, as in
+    the release (more than k candidates may remain). Draws use the exponential-race form (argmax p/q,
+    q ~ Exp(1)), which equals sampling from p. A row with its own generator consumes exactly
+    ``draws[i] + TIE_MARGIN`` numbers per step (at most the window), a constant of its request, so a
+    seeded request reproduces its tokens whatever else shares the batch.
     """
     rows, vocab = logits.shape
-    k_cap = max(1, min(int(k_cap), vocab))
-    vals, idx = torch.topk(logits.float(), k_cap, dim=-1)
-    rank = torch.arange(k_cap, device=logits.device)
-    eff_k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k)
-    vals = vals.masked_fill(rank[None, :] >= eff_k[:, None], float("-inf"))
+    window = max(1, min(int(k_cap) + TIE_MARGIN, vocab))
+    vals, idx = torch.topk(logits.float(), window, dim=-1)
+    eff_k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k).clamp(1, window)
+    kth = vals.gather(1, (eff_k - 1)[:, None])
+    vals = vals.masked_fill(vals < kth, float("-inf"))  # ties with the k-th value are kept
     greedy = (temperature <= 0) | (top_k == 1)
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     probs = torch.softmax(vals / temp[:, None], dim=-1)
@@ -331,7 +353,7 @@ def sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, tempe
     else:  # unseeded rows draw from the shared generator (built without any host-to-device copy)
         q = torch.empty_like(probs).exponential_(generator=fallback)
     for i in seeded:
-        n = min(int(draws[i]), k_cap) if i < len(draws) else k_cap
+        n = min(int(draws[i]) + TIE_MARGIN, window) if i < len(draws) else window
         q[i, n:] = 1.0
         q[i, :n].exponential_(generator=generators[i])
     choice = torch.argmax(probs / q, dim=-1)

@@ -16,12 +16,15 @@ from typing import Iterator
 import torch
 
 from service.engine.policy.rules import (
+    PIXELS,
+    TEXT,
     Guidance,
     RowState,
     SamplingColumns,
     VocabTables,
     advance,
     effective_top_k,
+    host_mode,
     next_tokens,
     sampling_columns,
 )
@@ -87,7 +90,7 @@ class ReferenceEngine:
         gen = torch.Generator(self.device).manual_seed(req.seed) if req.seed is not None else None
         stops = set(req.stop_token_ids)
 
-        in_image = False  # host-side: inside an image body (after IMG, before EOI)
+        mode = TEXT  # host-side mirror of the cond row's mode (picks the sampling columns)
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True)
         cache = getattr(out, self._cache_arg)
         for step in range(req.max_new_tokens):
@@ -95,12 +98,12 @@ class ReferenceEngine:
             logits = out.logits[:, -1, :].float().clone()
             chosen = next_tokens(logits, state, self.tables, guidance, text, image, k_cap,
                                  [gen] + [None] * (rows - 1), [k_cap] * rows, self._fallback,
-                                 columns=sampling_columns([in_image], self.tables))
+                                 columns=sampling_columns([mode == PIXELS], self.tables))
             token = chosen[:1]
             tokens = token.expand(rows)  # the uncond row takes the cond row's token (lockstep)
             advance(state, tokens, self.tables)
             t = int(token.item())
-            in_image = (in_image or t == self.tok.ids.img) and t != self.tok.ids.eoi
+            mode = host_mode(mode, t, self.tables)
             if t in stops:
                 reason = "stop"
             elif step + 1 >= req.max_new_tokens:
