@@ -47,6 +47,13 @@ class LoopThread:
     def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 600) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def start_engine(self, engine: Any) -> None:
+        """``engine.start()`` on this loop's thread: vLLM's AsyncLLM binds its output task to that loop."""
+        async def start() -> None:
+            engine.start()
+
+        self.run(start())
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -83,10 +90,7 @@ def engine(tiny_dir, tiny_tokenizer, loop):
                            max_model_len=1024, max_pairs=8, num_kv_blocks=KV_BLOCKS)
     eng = recording_engine(cfg, tiny_tokenizer)
 
-    async def start():
-        eng.start()
-
-    loop.run(start())
+    loop.start_engine(eng)
     loop.run(eng.self_check())  # every lane proves the scheduler and processor really run
     yield eng
     eng.shutdown()
@@ -258,10 +262,7 @@ def test_tensor_parallel_2_matches_reference(tiny_dir, reference, tiny_tokenizer
                                             dtype="float32", max_model_len=1024, max_pairs=2, tensor_parallel_size=2),
                            tiny_tokenizer)
     try:
-        async def start():
-            eng.start()
-
-        lt.run(start())
+        lt.start_engine(eng)
         req = t2i(tiny_tokenizer, "a cat", "tp2")
         got, reason = lt.run(collect(eng, req))
         assert reason == "stop" and got == reference.generate_ids(req)
@@ -306,10 +307,7 @@ def test_self_check_refuses_an_engine_whose_platform_swapped_an_extension_point(
     eng = VllmEngine(VllmEngineConfig(model=str(tiny_dir / "model"), tokenizer=str(tiny_dir / "tokenizer"),
                                       dtype="float32", max_model_len=256, max_pairs=1, num_kv_blocks=4), tiny_tokenizer)
     try:
-        async def start():
-            eng.start()
-
-        lt.run(start())
+        lt.start_engine(eng)
         with pytest.raises(EngineSelfCheckError, match=config_says):
             lt.run(eng.self_check())
         ids = tiny_tokenizer.ids

@@ -30,8 +30,18 @@ from service.server.protocol import (
 )
 from service.task import Finished, ImageProgress, ImageReady, ImageStart, Outcome, TextOut, Usage
 
-#: Fields of the JSON answer that the SSE ``done`` event repeats (images went out as ``image`` events).
-DONE_FIELDS = ("id", "task", "text", "segments", "usage", "finish_reason", "timings")
+
+def _segments(out: Outcome) -> list[SegmentData]:
+    return [SegmentData(type=p.type, text=p.text, image_index=p.image_index) for p in out.parts]
+
+
+def _usage(out: Outcome) -> UsageData:
+    return UsageData(prompt_tokens=out.usage.prompt_tokens, completion_tokens=out.usage.completion_tokens,
+                     visual_tokens=out.usage.visual_tokens)
+
+
+def _timings(out: Outcome) -> Timings:
+    return Timings(seconds=round(out.seconds, 4), time_to_first_token=out.time_to_first_token)
 
 
 def generation_body(out: Outcome, model: str, created: int) -> dict[str, Any]:
@@ -39,12 +49,8 @@ def generation_body(out: Outcome, model: str, created: int) -> dict[str, Any]:
     images = [ImageData(b64_json=b64(png), width=im.width, height=im.height) for im, png in zip(out.images, out.pngs)]
     return GenerationResponse(
         id=out.request_id, created=created, model=model, task=out.task, images=images, text=out.text,
-        segments=[SegmentData(type=p.type, text=p.text, image_index=p.image_index) for p in out.parts],
-        record=b64(out.record),
-        usage=UsageData(prompt_tokens=out.usage.prompt_tokens, completion_tokens=out.usage.completion_tokens,
-                        visual_tokens=out.usage.visual_tokens),
-        finish_reason=out.finish_reason,
-        timings=Timings(seconds=round(out.seconds, 4), time_to_first_token=out.time_to_first_token),
+        segments=_segments(out), record=b64(out.record), usage=_usage(out), finish_reason=out.finish_reason,
+        timings=_timings(out),
     ).model_dump(mode="json", exclude_none=True)
 
 
@@ -53,12 +59,10 @@ def done_event(out: Outcome, record_url: str | None, include_record: bool) -> di
     are stored; the record itself only when the client asked for it)."""
     data: dict[str, Any] = {
         "id": out.request_id, "task": out.task.value, "text": out.text,
-        "segments": [SegmentData(type=p.type, text=p.text, image_index=p.image_index).model_dump(exclude_none=True)
-                     for p in out.parts],
-        "usage": UsageData(prompt_tokens=out.usage.prompt_tokens, completion_tokens=out.usage.completion_tokens,
-                           visual_tokens=out.usage.visual_tokens).model_dump(),
+        "segments": [s.model_dump(exclude_none=True) for s in _segments(out)],
+        "usage": _usage(out).model_dump(),
         "finish_reason": out.finish_reason,
-        "timings": Timings(seconds=round(out.seconds, 4), time_to_first_token=out.time_to_first_token).model_dump(),
+        "timings": _timings(out).model_dump(),
         "record_id": out.request_id,
     }
     if record_url is not None:

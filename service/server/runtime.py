@@ -55,6 +55,7 @@ class Runtime:
     drain_deadline: float | None = None  # monotonic time at which a drain aborts what is left
     watchdog: asyncio.Task | None = None  # polls the engine's health once ready
     aborting_since: float | None = None  # when the drain aborted what was still running
+    abort_task: asyncio.Task | None = None  # that abort (held so the loop cannot collect it mid-way)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -114,7 +115,7 @@ class Runtime:
 
     def engine_died(self, reason: str) -> None:
         """The engine is gone for good: refuse new work, give in-flight requests a moment to receive
-        their errors, then exit non-zero (see :attr:`should_exit`)."""
+        their errors, then exit non-zero (see :meth:`should_exit`)."""
         if self.state in ("dead", "stopped"):
             return
         logger.error("engine died (%s): failing in-flight work and exiting so the orchestrator restarts "
@@ -154,7 +155,7 @@ class Runtime:
             return False
         if self.aborting_since is None:
             self.aborting_since = now
-            asyncio.get_running_loop().create_task(self._abort_inflight())
+            self.abort_task = asyncio.get_running_loop().create_task(self._abort_inflight())
         return now >= self.aborting_since + ABORT_ANSWER_SECONDS
 
     async def _abort_inflight(self) -> None:

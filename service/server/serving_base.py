@@ -45,6 +45,15 @@ T = TypeVar("T")
 
 
 
+def model_loading() -> APIError:
+    return APIError(503, "the model is still loading", "model_loading", headers={"Retry-After": "10"})
+
+
+def overloaded(exc: Overloaded) -> APIError:
+    """The answer when slots and queue are full, with the limiter's estimate of when to come back."""
+    return APIError(429, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)})
+
+
 def shutting_down(message: str = "the service is shutting down") -> APIError:
     return APIError(503, message, "shutting_down")
 
@@ -183,13 +192,13 @@ class ServingBase:
     def _runner(self) -> GenerationRunner:
         runner = self.rt.runner
         if runner is None:  # ensure_accepting() let the request in, so the runtime is ready
-            raise APIError(503, "the model is still loading", "model_loading", headers={"Retry-After": "10"})
+            raise model_loading()
         return runner
 
     def ensure_accepting(self) -> None:
         state = self.rt.state
         if state == "loading":
-            raise APIError(503, "the model is still loading", "model_loading", headers={"Retry-After": "10"})
+            raise model_loading()
         if state in ("draining", "stopped"):
             raise shutting_down()
         if state == "failed":
@@ -225,14 +234,14 @@ class ServingBase:
         try:
             self.rt.limiter.check_room()
         except Overloaded as exc:
-            raise APIError(429, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)}) from None
+            raise overloaded(exc) from None
 
     async def _admit_and_prepare(self, gen: GenerationInput, id_prefix: str) -> tuple[Slot, Prepared]:
         rid = new_request_id(id_prefix)
         try:
             slot = await self.rt.limiter.acquire()
         except Overloaded as exc:
-            raise APIError(429, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)}) from None
+            raise overloaded(exc) from None
         try:
             return slot, await self._runner().prepare(gen, rid)
         except PlanError as exc:

@@ -8,12 +8,14 @@ first test session pays the build (well under two minutes) and later ones pay no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 #: Bump when the tiny checkpoints change, so stale caches are rebuilt.
 TINY_VERSION = 2  # 2: the tiny VQ has the real widths (embed_dim and z_channels 256) and flags
@@ -35,6 +37,22 @@ def is_complete(out_dir: Path, seed: int) -> bool:
     return manifest.get("version") == TINY_VERSION and manifest.get("seed") == seed
 
 
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path, prefix: str) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir`` to build into; when the block ends without an error it replaces
+    ``out_dir``, so a reader never sees a half-built cache (the temporary folder is removed either way)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def make_tiny(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
     """Write the tiny checkpoints into ``out_dir`` (atomically: built in a sibling temp dir, then renamed)."""
     from service.tiny.lm import write_tiny_lm
@@ -45,21 +63,13 @@ def make_tiny(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
     out_dir = Path(out_dir)
     if not force and is_complete(out_dir, seed):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, ".tiny-") as tmp:
         started = time.monotonic()
         tok = Emu35Tokenizer.from_dir(write_tokenizer(tmp / "tokenizer"))
         write_tiny_lm(tmp / "model", tok, seed=seed)
         make_tiny_vq(tmp / "vq", seed=seed)
         manifest = {"version": TINY_VERSION, "seed": seed, "build_seconds": round(time.monotonic() - started, 1)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

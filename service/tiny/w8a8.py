@@ -13,14 +13,13 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.tiny.make import TINY_VERSION, default_cache_dir, ensure_tiny
+from service.tiny.make import TINY_VERSION, atomic_folder, default_cache_dir, ensure_tiny
 from service.tokenizer import TIKTOKEN_FILE, VISION_FILE
 
 #: Bump when the recipe changes, so cached outputs are rebuilt.
@@ -48,9 +47,7 @@ def write_bf16_copy(model: Path, tokenizer: Path, out: Path) -> Path:
 
 def make_tiny_w8a8(out_dir: Path, tiny: Path) -> Path:
     """Build ``out_dir/{bf16,w8a8,quantize.log}`` atomically; raises with the log tail on failure."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-w8a8-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, ".tiny-w8a8-") as tmp:
         bf16 = write_bf16_copy(tiny / "model", tiny / "tokenizer", tmp / "bf16")
         started = time.monotonic()
         log = tmp / "quantize.log"
@@ -64,12 +61,6 @@ def make_tiny_w8a8(out_dir: Path, tiny: Path) -> Path:
         manifest = {"version": W8A8_VERSION, "tiny_version": TINY_VERSION,
                     "quantize_seconds": round(time.monotonic() - started, 1)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

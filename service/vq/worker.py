@@ -106,13 +106,11 @@ class VqWorker:
             return
         finally:
             self._ready.set()
-        held: list[_Job] = []  # previews that yielded to final work in an earlier round
         while True:
-            first = held.pop(0) if held else self._jobs.get()
+            first = self._jobs.get()
             if first is None:
                 return
-            batch = [first, *held]
-            held = []
+            batch = [first]
             stop = False
             while True:  # everything already waiting joins this round
                 try:
@@ -123,17 +121,12 @@ class VqWorker:
                     stop = True
                     break
                 batch.append(nxt)
-            finals = [job for job in batch if not job.preview]
-            previews = [job for job in batch if job.preview]
-            for group in self._groups(finals):
+            # finals first; previews (all decodes) then share one call
+            for group in self._groups([job for job in batch if not job.preview]):
                 self._run(group)
-            if previews:  # one preview call per round; the rest wait behind newer final work
-                first_group, *rest = self._groups(previews)
-                self._run(first_group)
-                held = [job for group in rest for job in group]
+            for group in self._groups([job for job in batch if job.preview]):
+                self._run(group)
             if stop:
-                for job in held:
-                    self._run([job])
                 return
 
     @staticmethod
