@@ -31,3 +31,7 @@ MAX_IMAGES_PER_REQUEST = 4
 MAX_PARTIAL_IMAGES = 3
 #: Most elongated OpenAI-style ``size``: the longer side at most this many times the shorter (1:3 … 3:1).
 MAX_SIZE_ASPECT = 3
+#: Bytes of a request body that buy its sender one more second beyond ``--body-timeout``: an upload at
+#: least this fast is never cut off, a trickle (a client sending a byte at a time) is cut off at about the
+#: timeout.
+BODY_BYTES_PER_EXTRA_SECOND = 64 * 1024

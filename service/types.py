@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+#: What the unconditional (CFG) branch of a guided generation sees (design.md §5.2). ``lockstep``: the
+#: uncond prompt and every generated token, text included (the release's vLLM path). ``reference``:
+#: the uncond prompt and only the generated image spans, BOI…EOI (the release's transformers path).
+UncondMode = Literal["lockstep", "reference"]
+UNCOND_MODES: tuple[str, ...] = get_args(UncondMode)
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,8 @@ class SamplingOverride:
 class GenerationRequest:
     """One Emu3.5 generation. ``uncond_prompt`` is None (or ``cfg_scale == 1``) for no guidance;
     ``target_grid`` (rows, cols in tokens) forces every image's size, None lets the model write the
-    first header (constrained) and reuse it for later images."""
+    first header (constrained) and reuse it for later images. ``uncond_mode`` says what the uncond
+    branch sees (:data:`UncondMode`); both modes give the same tokens when the answer opens with BOI."""
 
     request_id: str
     cond_prompt: list[int]
@@ -70,7 +78,17 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...]
     target_grid: tuple[int, int] | None = None
     seed: int | None = None
+    uncond_mode: UncondMode = "lockstep"
     metadata: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.uncond_mode not in UNCOND_MODES:
+            raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {self.uncond_mode!r}")
+
+    @property
+    def image_only_uncond(self) -> bool:
+        """True when the uncond branch sees only image spans (a guided request in ``reference`` mode)."""
+        return self.guided and self.uncond_mode == "reference"
 
     @property
     def guided(self) -> bool:

@@ -339,6 +339,25 @@ def test_runner_refuses_what_cannot_run(runner):
             asyncio.run(prep(gen))
 
 
+def test_reference_images_that_cannot_fit_the_context_are_refused_before_encoding(runner, monkeypatch):
+    """A 16×16 upload with image_area at its maximum (4096² px) would be resized to 16 megapixels and
+    encoded (tens of GB on the CPU: the fuzzer's OOM kill) only to fail the context check afterwards."""
+    from service.limits import MAX_IMAGE_AREA
+    from service.prompts import Task
+    from service.task import GenerationInput, GenerationOptions, PlanError
+
+    async def never(*args, **kwargs):
+        raise AssertionError("the reference image was encoded")
+
+    monkeypatch.setattr(runner.vq, "encode", never)
+    small = Image.new("RGB", (16, 16), (1, 2, 3))
+    for task in (Task.X2I, Task.STORY):
+        gen = GenerationInput(task, "x", (small,), GenerationOptions(image_area=MAX_IMAGE_AREA))
+        with pytest.raises(PlanError, match="context") as err:
+            asyncio.run(runner.prepare(gen, "too-big"))
+        assert err.value.param == "image_area"
+
+
 def test_closing_the_stream_aborts_the_reference_engine(runner):
     from service.prompts import Task
     from service.task import GenerationInput, GenerationOptions, ImageProgress
@@ -377,7 +396,9 @@ def test_each_generated_image_is_png_encoded_once_per_request(runner, monkeypatc
     for ev in events:  # what the SSE answer sends
         if not isinstance(ev, Finished):
             sse_message(ev)
-    done = done_event(out, "/v1/records/unit-encode-once", include_record=False)
+    message = done_event(out, "/v1/records/unit-encode-once", include_record=False)
+    assert message["event"] == "done"
+    done = json.loads(message["data"])
     body = generation_body(out, "emu3.5", 0)  # what the JSON answer sends
     assert saves == ["PNG"]  # one image, one encoding
     assert body["images"][0]["b64_json"] == base64.b64encode(out.pngs[0]).decode()
@@ -592,3 +613,39 @@ def test_previews_are_capped_per_image_whatever_the_interval(runner):
     _, events, _ = _collect(runner, gen, "unit-preview-floor", preview=1)
     previews = [e for e in events if isinstance(e, ImageProgress) and e.preview is not None]
     assert [p.rows for p in previews] == [2, 4, 6, 8, 10, 12, 14]  # 16 rows: every 2nd, not every row
+
+
+# ---- /ready without the key -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api_key,headers,shows_error", [
+    ("k", {}, False),
+    ("k", {"Authorization": "Bearer wrong"}, False),
+    ("k", {"Authorization": "Bearer k"}, True),
+    (None, {}, True),  # no key set: everything is open, the reason included
+])
+def test_ready_tells_why_it_failed_only_to_the_key_holder(api_key, headers, shows_error):
+    """A failed start's reason may name files and paths: with an API key set, an anonymous caller (a
+    probe, anyone on the network) gets the state only."""
+    import httpx
+
+    from service.server.app import create_app
+    from service.server.runtime import Runtime
+
+    settings = Settings(demo=True, api_key=api_key)
+    runtime = Runtime(settings)
+    runtime.state, runtime.error = "failed", "FileNotFoundError: /srv/secret/models/vq/model.ckpt"
+    app = create_app(settings, runtime)  # no lifespan: the runtime stays as set
+
+    async def get(path: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.get(path, headers=headers)
+
+    ready = asyncio.run(get("/ready"))
+    assert ready.status_code == 503
+    expected = {"status": "failed"}
+    if shows_error:
+        expected["error"] = runtime.error
+    assert ready.json() == expected
+    health = asyncio.run(get("/health"))
+    assert health.status_code == 503 and health.json() == {"status": "failed"}

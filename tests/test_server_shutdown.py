@@ -14,13 +14,13 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from tests.serverproc import ServerProcess, running_server
+from tests.serverproc import ServerProcess, metric, running_server, scrape
 
 pytestmark = pytest.mark.slow
 
 
-def _server(tmp_path, grace: float):
-    return running_server(["--demo", "--engine", "reference", "--shutdown-grace-seconds", str(grace)],
+def _server(tmp_path, grace: float, *extra: str):
+    return running_server(["--demo", "--engine", "reference", "--shutdown-grace-seconds", str(grace), *extra],
                           tmp_path / "server.log", ready_timeout=180)
 
 
@@ -86,3 +86,36 @@ def test_work_still_running_after_the_grace_period_is_aborted_with_a_proper_answ
         assert plain["status"] == 503 and plain["body"]["error"]["code"] == "shutting_down", plain
         assert server.proc.wait(60) == 0
         assert time.monotonic() - started < 30
+
+
+def test_a_request_still_queued_when_the_drain_begins_is_refused_not_started(tiny_dir, tmp_path):
+    """One slot, one queue place: the running generation finishes within the grace, the one that was
+    waiting for its slot gets the 503 ``shutting_down`` a newcomer gets, instead of starting work the
+    drain would cut."""
+    import threading
+
+    with _server(tmp_path, 60, "--max-concurrent", "1", "--max-queue", "1") as server:
+        answers: dict[str, httpx.Response] = {}
+
+        def post(name: str, size: str) -> None:
+            answers[name] = httpx.post(server.url + "/v1/t2i", json={"prompt": name, "size": size}, timeout=120)
+
+        running = threading.Thread(target=post, args=("running", "512x512"))
+        running.start()
+        with httpx.Client(base_url=server.url) as http:
+            deadline = time.monotonic() + 30
+            while metric(scrape(http), "emu35_requests_in_flight") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            queued = threading.Thread(target=post, args=("queued", "128x128"))
+            queued.start()
+            while metric(scrape(http), "emu35_queue_depth") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        server.terminate()
+        running.join(120)
+        queued.join(120)
+        assert answers["running"].status_code == 200, answers["running"].text
+        assert answers["queued"].status_code == 503
+        assert answers["queued"].json()["error"]["code"] == "shutting_down"
+        assert server.proc.wait(60) == 0

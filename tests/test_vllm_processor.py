@@ -232,3 +232,78 @@ def test_image_mode_is_entered_through_boi_header_img_only():
     logits[:, 18] = 10.0  # text is not allowed in a body
     out = proc.apply(logits)
     assert chosen(out[0]) == 25
+
+
+# ---- the reference uncond mode (design.md §5.2) -----------------------------------------------------
+SAMPLED = SamplingSettings(5, 1.0, 1.0)
+
+
+def ref_params(role: str, pair: str = "r", seed=None) -> SamplingParams:
+    """A reference-mode row: the cond carries its uncond's reservation and the mode-switch ids."""
+    spec = RowSpec(pair, role, 3.0, SAMPLED, SAMPLED, (2, 2), seed, uncond_mode="reference",
+                   uncond_reserve=50 if role == COND else 0, switch_ids=(BOI, IMG, EOI) if role == COND else None)
+    return SamplingParams(temperature=0.0, extra_args=spec.to_extra())
+
+
+def _logits(step: int, salt: int) -> torch.Tensor:
+    return torch.randn(V, generator=torch.Generator().manual_seed(100 * step + salt))
+
+
+def _draw_image(parked: bool) -> list[int]:
+    """A seeded reference cond writes IMG alone, then draws a 2×2 image with its image's uncond row; with
+    ``parked`` vLLM leaves it out of one step first (another request takes its slot) and adds it back
+    elsewhere, as it does while the pair scheduler waits for the image's uncond request."""
+    proc = Emu35LogitsProcessor.for_tables(tables(), PAD, max_rows=8)
+    cond = [16, BOI, 2, STAR, 2]
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, ref_params(COND, seed=3), [1], cond)], moved=[]))
+    cond.append(chosen(proc.apply(_logits(0, 0)[None].clone())[0]))
+    assert cond[-1] == IMG
+    uncond: list[int] = []
+    if parked:
+        other: list[int] = []  # a plain vLLM request (no Emu3.5 spec) in the freed slot
+        proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[(0, SamplingParams(), [1], other)], moved=[]))
+        proc.apply(_logits(0, 9)[None].clone())
+        other.append(16)
+        proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[],
+                                      added=[(1, ref_params(COND, seed=3), [1], cond), (2, ref_params(UNCOND), [1], uncond)]))
+        c, u, n = 1, 2, 3
+    else:
+        proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[(1, ref_params(UNCOND), [1], uncond)], moved=[]))
+        c, u, n = 0, 1, 2
+    for step in range(1, 7):
+        logits = torch.stack([_logits(step, 7)] * n)
+        logits[c], logits[u] = _logits(step, 1), _logits(step, 2)
+        out = proc.apply(logits)
+        token = chosen(out[c])
+        assert chosen(out[u]) == token  # the image's uncond row follows its cond row
+        cond.append(token)
+        uncond.append(token)
+        if parked:
+            other.append(16)
+    return cond[6:]
+
+
+def test_a_row_left_out_of_a_step_comes_back_with_its_state_and_seeded_draws():
+    drawn = _draw_image(parked=False)
+    assert drawn == _draw_image(parked=True)
+    assert drawn[2] == EOL and drawn[5] == EOI and all(t >= FIRST_VISUAL for t in drawn[:2] + drawn[3:5])
+
+
+def test_a_reference_cond_runs_alone_in_text_but_never_draws_a_pixel_alone():
+    cond = [16, BOI, 2, STAR, 2]
+    proc, outs = processor_with((ref_params(COND), [16]))
+    logits = torch.zeros(1, V)
+    logits[0, 17] = 100.0
+    assert chosen(proc.apply(logits)[0]) == 17  # text, no uncond row: fine (lockstep would fail it)
+    proc, outs = processor_with((ref_params(COND), cond + [IMG]))
+    assert chosen(proc.apply(torch.zeros(1, V))[0]) == PAD
+
+
+def test_an_images_uncond_row_is_checked_against_the_tokens_since_img():
+    cond = [16, 16, BOI, 2, STAR, 2, IMG, 21]
+    proc, outs = processor_with((ref_params(COND), cond), (ref_params(UNCOND), [21]))
+    out = proc.apply(torch.zeros(2, V))
+    assert chosen(out[0]) == chosen(out[1]) != PAD  # one token since IMG on both: in step
+    proc, outs = processor_with((ref_params(COND), cond), (ref_params(UNCOND), []))
+    out = proc.apply(torch.zeros(2, V))
+    assert chosen(out[0]) == chosen(out[1]) == PAD  # the uncond row is a token behind: failed

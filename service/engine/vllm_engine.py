@@ -4,6 +4,8 @@ One ``AsyncLLM`` (tensor parallel) runs every generation. A guided generation is
 requests that carry their Emu3.5 settings in ``SamplingParams.extra_args``; the pair-aware scheduler
 admits them together and the logits processor applies design.md §5 to the whole batch, samples, and forces
 the cond row's token into the uncond row. vLLM itself runs greedy over the processor's one-hot rows.
+In the ``reference`` uncond mode the cond request starts alone, and each image header it writes starts
+that image's uncond request (uncond prompt + image spans so far), which runs to the image's EOI.
 
 The engine yields :class:`TokenDelta` for the cond sequence only; the uncond sequence is drained in the
 background (:meth:`VllmEngine._drain` returns its ids; the tests' subclass keeps them to prove lockstep).
@@ -15,11 +17,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncGenerator
 
 from service.engine.config import VllmEngineConfig
 from service.engine.policy.admission import blocks_for
-from service.engine.policy.pairing import UNCOND_SUFFIX, row_specs
+from service.engine.policy.pairing import UNCOND_SUFFIX, RowSpec, image_uncond, row_specs
+from service.engine.policy.spans import FREE_HEADER_LEN, ImageSpans, SpanTokens
 from service.engine.protocol import (
     EngineError,
     EngineRequestError,
@@ -68,6 +72,16 @@ def _check_compilation_keys(compilation: Any) -> None:
                          "CompilationConfig")
 
 
+@dataclass
+class UncondPrefill:
+    """What the uncond requests cost in prefill: in the reference uncond mode each image starts one, whose
+    prompt (uncond prompt + image spans so far) is mostly served from the prefix cache."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    computed_tokens: int = 0  # prompt tokens not found in the prefix cache
+
+
 class _StatsSink:
     """Latest vLLM scheduler statistics, filled by a stat logger vLLM calls after each step."""
 
@@ -112,9 +126,13 @@ class VllmEngine:
         self._llm: Any = None
         self._stats = _StatsSink()
         self._inflight: dict[str, bool] = {}  # request id -> has produced a token (running) or not (waiting)
+        self._unconds: dict[str, list[str]] = {}  # request id -> its uncond requests' ids so far
+        self._span_ids = SpanTokens.from_tokenizer(tokenizer)
+        self.uncond_prefill = UncondPrefill()
         self._max_model_len = 0
         self.kv_blocks = 0
         self.block_size = 0
+        self.step_tokens = 0  # max_num_batched_tokens: prompts the pair scheduler can prefill in one step
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -131,6 +149,7 @@ class VllmEngine:
         self._max_model_len = int(vcfg.model_config.max_model_len)
         self.kv_blocks = int(vcfg.cache_config.num_gpu_blocks or 0)
         self.block_size = int(vcfg.cache_config.block_size)
+        self.step_tokens = int(vcfg.scheduler_config.max_num_batched_tokens)
         logger.info("emu35 engine ready: max_model_len=%d kv_blocks=%d block_size=%d max_pairs=%d",
                     self._max_model_len, self.kv_blocks, self.block_size, self.config.max_pairs)
 
@@ -189,6 +208,21 @@ class VllmEngine:
             if need > self.kv_blocks - 1:
                 raise EngineRequestError(
                     f"the generation needs {need} KV blocks at full length; the engine has {self.kv_blocks - 1}")
+        if self.step_tokens:
+            step = self._first_step_tokens(req, prompts)
+            if step > self.step_tokens:
+                raise EngineRequestError(
+                    f"the generation's prompts need {step} tokens in one engine step; the engine's step budget "
+                    f"(max_num_batched_tokens) is {self.step_tokens}: shorten the prompt or start the service "
+                    "with a larger --max-model-len")
+
+    def _first_step_tokens(self, req: GenerationRequest, prompts: list[list[int]]) -> int:
+        """Prompt tokens the pair scheduler must prefill in one step: both prompts of a lockstep pair; in
+        reference mode the larger of the cond prompt and an image uncond's uncached part (the uncond
+        prompt and a header the first time; later images find the earlier ones in the prefix cache)."""
+        if not req.image_only_uncond:
+            return sum(len(p) for p in prompts)
+        return max(len(req.cond_prompt), len(req.uncond_prompt or []) + FREE_HEADER_LEN + 1 + self.block_size)
 
     def _check_id(self, req: GenerationRequest) -> None:
         if self._llm is None:
@@ -198,14 +232,14 @@ class VllmEngine:
         if UNCOND_SUFFIX in req.request_id:
             raise EngineRequestError(f"request id must not contain {UNCOND_SUFFIX!r}")
 
-    def _sampling_params(self, req: GenerationRequest, extra: dict, cond: bool):
+    def _sampling_params(self, req: GenerationRequest, extra: dict, cond: bool, max_tokens: int):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         stops = sorted(set(req.stop_token_ids) | {self.tokenizer.ids.pad})  # PAD = a failed pair
         return SamplingParams(
             temperature=0.0,  # the processor samples; vLLM takes the only finite logit
-            max_tokens=req.max_new_tokens,
+            max_tokens=max_tokens,
             ignore_eos=True,
             stop_token_ids=stops,
             detokenize=False,
@@ -216,30 +250,43 @@ class VllmEngine:
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """Run one generation; yield the cond sequence's new ids as they come. Cancelling the iteration
-        (or :meth:`abort`) ends both halves. :meth:`check` ran when the request was prepared."""
+        (or :meth:`abort`) ends every request of it. :meth:`check` ran when the request was prepared."""
         self._check_id(req)
-        rows = row_specs(req)
-        self._inflight[req.request_id] = False
-        uncond_task: asyncio.Task | None = None
+        rows = row_specs(req, self._span_ids)
+        rid = req.request_id
+        self._inflight[rid] = False
+        self._unconds[rid] = []
+        uncond_tasks: list[asyncio.Task] = []
+        # reference mode: follow the cond row's image spans; each header it closes starts that image's uncond
+        spans = ImageSpans(self._span_ids) if req.image_only_uncond else None
+        generated = 0
         finished = False
         try:
             if len(rows) == 2:
                 uid, uprompt, uspec = rows[1]
-                uncond_task = asyncio.create_task(
-                    self._drain(uid, uprompt, self._sampling_params(req, uspec.to_extra(), cond=False), req.request_id))
+                uncond_tasks.append(self._start_uncond(req, uid, uprompt, uspec, req.max_new_tokens))
             cid, cprompt, cspec = rows[0]
-            params = self._sampling_params(req, cspec.to_extra(), cond=True)
+            params = self._sampling_params(req, cspec.to_extra(), cond=True, max_tokens=req.max_new_tokens)
             last = time.perf_counter()
             async for out in self._llm.generate({"prompt_token_ids": list(cprompt)}, params, cid):
                 completion = out.outputs[0]
                 ids = list(completion.token_ids)
                 now = time.perf_counter()
                 if ids:
-                    self._inflight[req.request_id] = True
+                    self._inflight[rid] = True
+                if spans is not None:
+                    for token in ids:
+                        generated += 1
+                        grid = spans.feed(token)
+                        if grid is not None:
+                            image = image_uncond(req, len(uncond_tasks) + 1, spans.tokens, grid, generated)
+                            if image.max_tokens > 0:
+                                uncond_tasks.append(self._start_uncond(req, image.request_id, image.prompt,
+                                                                       image.spec, image.max_tokens))
                 reason = completion.finish_reason if out.finished else None
                 if reason is not None and ids and ids[-1] == self.tokenizer.ids.pad:
                     finished = True
-                    raise PairBrokenError(f"generation {req.request_id}: cond/uncond pair lost lockstep")
+                    raise PairBrokenError(f"generation {rid}: cond/uncond pair lost lockstep")
                 if reason is not None:
                     finished = True
                     reason = {"stop": "stop", "length": "length"}.get(str(reason), "abort")
@@ -251,32 +298,49 @@ class VllmEngine:
             if not finished:  # the stream ended without a final output (aborted elsewhere)
                 finished = True
                 yield TokenDelta([], "abort", 0.0)
-            if uncond_task is not None:
-                await uncond_task
+            for task in uncond_tasks:
+                await task
         except (asyncio.CancelledError, EngineError):
             raise
         except Exception as exc:
             if self.dead:  # vLLM's EngineDeadError / EngineGenerateError after its core process went away
                 finished = True  # nothing to abort in a dead engine
-                raise EngineUnavailableError(f"the engine died during generation {req.request_id}") from exc
+                raise EngineUnavailableError(f"the engine died during generation {rid}") from exc
             raise
         finally:
-            self._inflight.pop(req.request_id, None)
-            if uncond_task is not None and not uncond_task.done():
-                uncond_task.cancel()
+            self._inflight.pop(rid, None)
+            uncond_ids = self._unconds.pop(rid, [])
+            for task in uncond_tasks:
+                if not task.done():
+                    task.cancel()
             if not finished:
-                await self._abort_ids([id_ for id_, _, _ in rows])
+                await self._abort_ids([rid, *uncond_ids])
+
+    def _start_uncond(self, req: GenerationRequest, rid: str, prompt: list[int], spec: RowSpec,
+                      max_tokens: int) -> asyncio.Task:
+        """Run an uncond request in the background (its tokens are forced to the cond row's)."""
+        self._unconds.setdefault(req.request_id, []).append(rid)
+        params = self._sampling_params(req, spec.to_extra(), cond=False, max_tokens=max_tokens)
+        return asyncio.create_task(self._drain(rid, prompt, params, req.request_id))
 
     async def _drain(self, rid: str, prompt: list[int], params: Any, owner: str) -> list[int]:
-        """Run the uncond half to its end; return its ids (the processor gave it the cond half's)."""
+        """Run an uncond request to its end; return its ids (the processor gave it the cond half's)."""
         ids: list[int] = []
         async for out in self._llm.generate({"prompt_token_ids": list(prompt)}, params, rid):
             ids = list(out.outputs[0].token_ids)
+            if out.finished:
+                self._note_uncond_prefill(len(prompt), getattr(out, "num_cached_tokens", None))
         return ids
 
+    def _note_uncond_prefill(self, prompt_tokens: int, cached: int | None) -> None:
+        """Count the prompt tokens uncond requests really prefilled (prefix-cache hits excluded)."""
+        self.uncond_prefill.requests += 1
+        self.uncond_prefill.prompt_tokens += prompt_tokens
+        self.uncond_prefill.computed_tokens += prompt_tokens - int(cached or 0)
+
     async def abort(self, request_id: str) -> None:
-        """End a generation: both halves stop and free their KV blocks."""
-        await self._abort_ids([request_id, request_id + UNCOND_SUFFIX])
+        """End a generation: every request of it stops and frees its KV blocks."""
+        await self._abort_ids([request_id, request_id + UNCOND_SUFFIX, *self._unconds.get(request_id, [])])
 
     async def _abort_ids(self, ids: list[str]) -> None:
         if self._llm is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -18,9 +17,10 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.limits import MAX_TEXT_BODY_BYTES
+from service.limits import BODY_BYTES_PER_EXTRA_SECOND, MAX_TEXT_BODY_BYTES
 from service.server.docs import router as docs
-from service.server.errors import APIError, install_handlers
+from service.server.errors import APIError, install_handlers, send_closing_error
+from service.server.openapi import install as install_openapi
 from service.server.playground import router as playground
 from service.server.routes import api, system
 from service.server.runtime import Runtime
@@ -85,13 +85,23 @@ class RequestMetricsMiddleware:
 IMAGE_ROUTES = frozenset({"/v1/x2i", "/v1/generate", "/v1/guidance", "/v1/narrative", "/v1/images/edits"})
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over the route's limit with 413, by Content-Length up front or while streaming in:
-    routes that take images allow ``image_limit`` bytes, the others ``MAX_TEXT_BODY_BYTES``, so a route
-    that takes a prompt cannot be made to buffer and parse tens of megabytes."""
+class BodyGuardMiddleware:
+    """Bounds how much a request body may be and how long it may take to arrive.
 
-    def __init__(self, app: ASGIApp, image_limit: int) -> None:
-        self.app, self.image_limit = app, image_limit
+    Size: bodies over the route's limit get 413, by Content-Length up front or while streaming in: routes
+    that take images allow ``image_limit`` bytes, the others ``MAX_TEXT_BODY_BYTES``, so a route that
+    takes a prompt cannot be made to buffer and parse tens of megabytes.
+
+    Time: the body must be in within ``timeout`` seconds of the request's start plus one second per
+    ``BODY_BYTES_PER_EXTRA_SECOND`` received, else 408: a client sending a byte at a time would otherwise
+    hold its connection, and its share of the connection cap, for ever, while a large upload over a slow
+    but steady link still gets through (the headers are timed by ``service.server.connections``).
+
+    Either way the app sees a client that went away, the answer is the guard's, and the connection is
+    closed (the rest of the body is never read)."""
+
+    def __init__(self, app: ASGIApp, image_limit: int, timeout: float) -> None:
+        self.app, self.image_limit, self.timeout = app, image_limit, timeout
 
     def limit_for(self, path: str) -> int:
         return self.image_limit if path.rstrip("/") in IMAGE_ROUTES else MAX_TEXT_BODY_BYTES
@@ -102,44 +112,51 @@ class BodyLimitMiddleware:
             return
         limit = self.limit_for(scope.get("path", ""))
         too_large = APIError(413, f"request body is larger than {limit} bytes", "body_too_large")
+        too_slow = APIError(408, f"the request body did not arrive in time ({self.timeout:g} s, plus 1 s per "
+                                 f"{BODY_BYTES_PER_EXTRA_SECOND} bytes received)", "request_timeout")
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _send_error(send, too_large)
+            await send_closing_error(send, too_large)
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         seen = 0
-        over = False
+        body_done = False
+        cut: APIError | None = None
 
-        async def limited() -> Message:
-            nonlocal seen, over
-            if over:
+        async def guarded() -> Message:
+            nonlocal seen, deadline, body_done, cut
+            if cut is not None:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if body_done:  # only a disconnect is left to wait for: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                cut = too_slow
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                seen += chunk
+                deadline += chunk / BODY_BYTES_PER_EXTRA_SECOND
                 if seen > limit:  # stop reading: the app sees a client that went away
-                    over = True
+                    cut = too_large
                     return {"type": "http.disconnect"}
+                body_done = not message.get("more_body", False)
             return message
 
         async def sending(message: Message) -> None:
-            if not over:  # once over the limit, the answer is ours (413), not what the app made of it
+            if cut is None:  # once cut, the answer is ours, not what the app made of the "disconnect"
                 await send(message)
 
         try:
-            await self.app(scope, limited, sending)
+            await self.app(scope, guarded, sending)
         except Exception:
-            if not over:
+            if cut is None:
                 raise
-        if over:
-            await _send_error(send, too_large)
-
-
-async def _send_error(send: Send, exc: APIError) -> None:
-    body = json.dumps(exc.body()).encode()
-    await send({"type": "http.response.start", "status": exc.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+        if cut is not None:
+            await send_closing_error(send, cut)
 
 
 def max_body_bytes(settings: Settings) -> int:
@@ -169,7 +186,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         version=__version__,
         summary="Emu3.5 text-to-image, any-to-image, visual guidance and visual narrative",
         description="Emu3.5's own endpoints (JSON or server-sent events), an OpenAI-compatible image API, "
-                    "and operations endpoints. Errors use one shape: {\"error\": {message, type, param, code}}.",
+                    "and operations endpoints. Errors use one shape: {\"error\": {message, type, param, code}}. "
+                    "Before a request reaches its route, any route may answer 503 `too_many_connections` (more "
+                    "than --max-connections open) or 408 `request_timeout` (headers not in within "
+                    "--header-timeout); both close the connection.",
         lifespan=lifespan,
         docs_url=None,  # served by service.server.docs from packaged assets, not a CDN
         redoc_url=None,
@@ -178,11 +198,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.serving_generation = ServingGeneration(runtime)
     app.state.serving_openai = ServingOpenAIImages(runtime)
     install_handlers(app)
+    install_openapi(app, auth=settings.api_key is not None)
     app.include_router(system)
     app.include_router(api)
     app.include_router(playground)
     app.include_router(docs)
-    app.add_middleware(BodyLimitMiddleware, image_limit=max_body_bytes(settings))
+    app.add_middleware(BodyGuardMiddleware, image_limit=max_body_bytes(settings), timeout=settings.body_timeout)
     app.add_middleware(RequestMetricsMiddleware, runtime=runtime)
     return app
 

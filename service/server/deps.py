@@ -21,16 +21,28 @@ def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
+def key_matches(credentials: HTTPAuthorizationCredentials | None, runtime: Runtime) -> bool:
+    """Whether the caller may see what the API key guards: the right key, or no key set."""
+    key = runtime.settings.api_key
+    if key is None:
+        return True
+    given = credentials.credentials if credentials is not None else ""
+    return secrets.compare_digest(given.encode(), key.get_secret_value().encode())
+
+
 async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
                           runtime: Runtime = Depends(get_runtime)) -> None:
     """Every route but /health and /ready needs ``Authorization: Bearer <key>`` when a key is set."""
-    key = runtime.settings.api_key
-    if key is None:
-        return
-    given = credentials.credentials if credentials is not None else ""
-    if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
+    if not key_matches(credentials, runtime):
         raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)", "invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
+
+
+async def optional_api_key(request: Request, runtime: Runtime = Depends(get_runtime)) -> bool:
+    """Whether the caller holds the key (or none is set), for routes open to all that say more to the
+    key's holders. Read without a security dependency, so the API document does not mark the route as
+    needing a key."""
+    return key_matches(await _bearer(request), runtime)
 
 
 def content_type(request: Request) -> str:
@@ -50,9 +62,34 @@ async def require_json(request: Request) -> None:
 
 #: Form fields holding JSON objects (sampling overrides) in a multipart request.
 JSON_FORM_FIELDS = frozenset({"text_sampling", "image_sampling"})
-#: Form fields that are whole numbers: multipart sends text, JSON must send numbers (the models are strict).
+#: Form fields that are numbers or booleans: multipart sends text, JSON must send the typed value (the models
+#: are strict), so these are converted when their text is one.
 INT_FORM_FIELDS = frozenset({"seed", "n", "max_new_tokens", "image_area", "partial_images", "output_compression",
                              "preview_every_rows"})
+FLOAT_FORM_FIELDS = frozenset({"guidance_scale"})
+BOOL_FORM_FIELDS = frozenset({"stream", "include_record"})
+_BOOL_TEXT = {"true": True, "1": True, "false": False, "0": False}
+
+
+def form_value(name: str, text: str) -> Any:
+    """A multipart text field as the JSON value it stands for; other text stays text (the model then
+    refuses it with a 400 naming the field)."""
+    if name in JSON_FORM_FIELDS:
+        try:
+            return json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise bad_request(f"{name} must be a JSON object", "invalid_value", name) from None
+    word = text.strip()
+    if name in INT_FORM_FIELDS and word.lstrip("-").isdigit():
+        return int(word)
+    if name in FLOAT_FORM_FIELDS:
+        try:
+            return float(word)
+        except ValueError:
+            return text
+    if name in BOOL_FORM_FIELDS and word.lower() in _BOOL_TEXT:
+        return _BOOL_TEXT[word.lower()]
+    return text
 
 
 async def read_multipart(request: Request, file_fields: frozenset[str], max_files: int, max_bytes: int,
@@ -82,15 +119,8 @@ async def read_multipart(request: Request, file_fields: frozenset[str], max_file
                 raise bad_request(f"unexpected file field {name!r}", "unknown_field", name)
             elif name in fields:
                 raise bad_request(f"field {name!r} is given more than once", "invalid_value", name)
-            elif name in JSON_FORM_FIELDS:
-                try:
-                    fields[name] = json.loads(value)
-                except (json.JSONDecodeError, RecursionError):
-                    raise bad_request(f"{name} must be a JSON object", "invalid_value", name) from None
-            elif name in INT_FORM_FIELDS and value.strip().lstrip("-").isdigit():
-                fields[name] = int(value)
             else:
-                fields[name] = value
+                fields[name] = form_value(name, value)
     finally:
         await form.close()
     return fields, files

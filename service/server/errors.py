@@ -7,13 +7,15 @@ answered as 500 in the same shape, never as a bare traceback.
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
@@ -54,6 +57,22 @@ def bad_request(message: str, code: str = "invalid_request", param: str | None =
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
+
+
+def closing_answer(exc: APIError, extra: Sequence[tuple[bytes, bytes]] = ()) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Raw headers and body of an error answered outside FastAPI's handlers (the body guard, the
+    connection guard), with ``Connection: close``: the rest of the request is left unread."""
+    body = json.dumps(exc.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in exc.headers.items()), *extra]
+    return headers, body
+
+
+async def send_closing_error(send: Send, exc: APIError, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """:func:`closing_answer` sent through an ASGI ``send``."""
+    headers, body = closing_answer(exc, extra)
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(exc: APIError) -> JSONResponse:

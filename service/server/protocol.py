@@ -1,7 +1,9 @@
 """The API's request and response models (they are also the OpenAPI schema).
 
 Requests forbid unknown fields: a typo such as ``guidence_scale`` is a 400 naming the field, not a
-silently ignored setting. Defaults are the task's (design.md §4) unless a field is given.
+silently ignored setting. Numbers and booleans are strict (``"seed": "1"``, ``"stream": 0`` and
+``"guidance_scale": "3"`` are 400s, as the document's types say); multipart forms, which carry only
+text, are converted first (``service.server.deps``). Defaults are the task's (design.md §4) unless a field is given.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from service.limits import (
     MIN_IMAGE_AREA,
 )
 from service.prompts import ASPECT_RATIOS, Task
+from service.types import UncondMode
 
 
 def _not_blank(v: str) -> str:
@@ -32,20 +35,32 @@ def _not_blank(v: str) -> str:
     return v
 
 
-#: A user prompt: non-blank text of bounded length.
-Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
+#: A user prompt: non-blank text of bounded length (the document says minLength 1; a pattern saying "not
+#: only spaces" would cost schema tools seconds over a 100,000-character limit).
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS, json_schema_extra={"minLength": 1}),
+                   AfterValidator(_not_blank)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: A 16×16 px PNG (base64) for the documented examples: Swagger UI's "Try it out" sends them as they are.
+EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mPUiDrBQApgYiARjGoY1TB0NAAAI7gBavYfh54AAAAA"
+               "SUVORK5CYII=")
+
+
+def _examples(*examples: dict) -> ConfigDict:
+    """A request model's documented examples (its JSON schema's ``examples``)."""
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
+
 class SamplingOverrides(_Strict):
     """Sampling of one kind of token; a missing field keeps the task's default."""
 
     top_k: int | None = Field(None, ge=1, strict=True, description="keep the k most likely tokens")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass")
-    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0, le=1, strict=True, description="nucleus mass")
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, strict=True, description="0 = greedy")
 
 
 class GenerationParams(_Strict):
@@ -57,21 +72,26 @@ class GenerationParams(_Strict):
                           "'match_reference' (the last reference image's grid) or an aspect ratio")
     aspect_ratio: str | None = Field(
         None, description=f"one of {', '.join(ASPECT_RATIOS)}, 'default' or 'auto'; scaled to the image area")
-    guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE,
+    guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE, strict=True,
                                           description="classifier-free guidance scale")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
     max_new_tokens: int | None = Field(None, ge=1, strict=True, description="cap on generated tokens")
     text_sampling: SamplingOverrides | None = None
     image_sampling: SamplingOverrides | None = None
-    image_area: int | None = Field(None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA,
+    image_area: int | None = Field(None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA, strict=True,
                                    description="pixels of generated and reference images (aspect sizes scale)")
-    stream: bool = Field(False, description="answer as server-sent events")
+    uncond_mode: UncondMode = Field(
+        "lockstep", description="what the guidance (unconditional) branch sees: 'lockstep' every generated "
+                                "token, as the release's vLLM path; 'reference' only the generated images, as "
+                                "its transformers path. The same for T2I/X2I; interleaved answers differ")
+    stream: bool = Field(False, strict=True, description="answer as server-sent events")
     preview_every_rows: int | None = Field(
         None, ge=1, strict=True, description="when streaming, attach a decoded preview every N rows of an image "
                                               f"(at most {MAX_PREVIEWS_PER_IMAGE} per image)")
     include_record: bool = Field(
-        False, description="when streaming, put the whole record (base64) in the done event; by default it "
-                           "names the record (record_id, and record_url when records are stored)")
+        False, strict=True, description="when streaming, put the whole record (base64) in the done event; by "
+                                        "default it names the record (record_id, and record_url when records are "
+                                        "stored)")
 
     @field_validator("aspect_ratio")
     @classmethod
@@ -101,9 +121,13 @@ class ImageInputs(_Strict):
 class T2IRequest(GenerationParams):
     """Text to image."""
 
+    model_config = _examples({"prompt": "a red fox in the snow, watercolour", "aspect_ratio": "1:1", "seed": 42})
+
 
 class X2IRequest(GenerationParams, ImageInputs):
     """Any to image: edit or compose from 1 to MAX_REFERENCE_IMAGES reference images."""
+
+    model_config = _examples({"prompt": "make it night", "images": [f"data:image/png;base64,{EXAMPLE_PNG}"], "seed": 7})
 
     images: list[str] = Field(..., min_length=1, max_length=MAX_REFERENCE_IMAGES,
                               description=f"1–{MAX_REFERENCE_IMAGES} reference images: base64 or data URLs")
@@ -112,9 +136,13 @@ class X2IRequest(GenerationParams, ImageInputs):
 class InterleavedRequest(GenerationParams, ImageInputs):
     """Visual guidance / narrative: interleaved text and images, optionally from reference images."""
 
+    model_config = _examples({"prompt": "a little robot explores an old city", "seed": 3})
+
 
 class GenerateRequest(InterleavedRequest):
     """Any task, named explicitly (``explore``, ``vla``, or any of the others)."""
+
+    model_config = _examples({"task": "explore", "prompt": "the old house by the river", "seed": 5})
 
     task: Task
 
@@ -142,7 +170,7 @@ class UsageData(BaseModel):
 
 class Timings(BaseModel):
     seconds: float
-    time_to_first_token: float | None
+    time_to_first_token: float | None = Field(None, description="absent when nothing was generated")
 
 
 class GenerationResponse(BaseModel):
@@ -158,6 +186,72 @@ class GenerationResponse(BaseModel):
     usage: UsageData
     finish_reason: Literal["stop", "length", "abort"]
     timings: Timings
+
+
+# ---- server-sent events of the Emu3.5 endpoints: the ``data`` of each event, by event name ------------
+
+
+class TextDeltaData(BaseModel):
+    """``text``, ``global_cot``, ``image_cot``: text as it is generated."""
+
+    delta: str
+
+
+class ImageStartData(BaseModel):
+    index: int
+    width: int
+    height: int
+
+
+class ImageProgressData(BaseModel):
+    index: int
+    rows: int
+    total_rows: int
+    b64_json: str | None = Field(None, description="a PNG of the rows drawn so far, at the preview rows only")
+
+
+class StreamImageData(ImageData):
+    """``image``: a finished image."""
+
+    index: int
+
+
+class DoneData(BaseModel):
+    """``done``: the answer without its images, naming its record."""
+
+    id: str
+    task: Task
+    text: str
+    segments: list[SegmentData]
+    usage: UsageData
+    finish_reason: Literal["stop", "length", "abort"]
+    timings: Timings
+    record_id: str
+    record_url: str | None = Field(None, description="where the record is, when records are stored")
+    record: str | None = Field(None, description="the record (base64), with include_record: true")
+
+
+class StreamErrorData(BaseModel):
+    """``error``: the generation failed after the stream started (``shutting_down``,
+    ``engine_unavailable`` or ``generation_failed``)."""
+
+    message: str
+    code: str
+
+
+#: Every event of an Emu3.5 stream and the model of its data.
+GENERATION_EVENTS: dict[str, type[BaseModel]] = {
+    "text": TextDeltaData, "global_cot": TextDeltaData, "image_cot": TextDeltaData, "image_start": ImageStartData,
+    "image_progress": ImageProgressData, "image": StreamImageData, "done": DoneData, "error": StreamErrorData,
+}
+
+
+class ServiceStatus(BaseModel):
+    """``/health`` and ``/ready``: the service's state, and why it is not ready when that is known."""
+
+    status: Literal["ok", "ready", "loading", "failed", "draining", "stopped", "dead"]
+    error: str | None = Field(None, description="why the start failed or the engine died; only to a caller "
+                                                "with the API key when one is set (it may name files)")
 
 
 class ErrorDetail(BaseModel):
@@ -187,11 +281,12 @@ class OpenAIImageParams(BaseModel):
     over time, and a client that sends one must keep working. Known fields are checked strictly; a value
     Emu3.5 cannot honour is a 400 naming the field."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"prompt": "a lighthouse at dusk", "size": "1024x1024", "quality": "low", "seed": 1}]})
 
     prompt: Prompt
     model: str | None = Field(None, description="the served model name (or omitted)")
-    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST,
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST, strict=True,
                    description=f"images to make (1–{MAX_IMAGES_PER_REQUEST}), each its own guided generation, "
                                "run concurrently; seeds seed, seed+1, …")
     size: str | None = Field(None, description="'auto' or WIDTHxHEIGHT (multiples of 16, aspect 1:3 … 3:1); "
@@ -200,19 +295,20 @@ class OpenAIImageParams(BaseModel):
                                                             "xhigh, max, hd) the whole image area; standard = medium")
     response_format: Literal["b64_json", "url"] | None = Field(None, description="only b64_json")
     output_format: OpenAIOutputFormat | None = Field(None, description="png (default), jpeg or webp")
-    output_compression: int | None = Field(None, ge=0, le=100,
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True,
                                            description="jpeg/webp quality 0–100 (default 100); ignored for png")
     background: Literal["auto", "opaque", "transparent"] | None = Field(None, description="transparent is refused")
     style: Literal["vivid", "natural"] | None = Field(None, description="DALL·E 3 only: accepted, no effect")
     moderation: Literal["low", "auto"] | None = Field(None, description="accepted, no effect")
     user: str | None = Field(None, description="accepted, no effect")
     safety_identifier: str | None = Field(None, description="accepted, no effect")
-    stream: bool | None = Field(None, description="answer as server-sent events (partial images, then completed)")
-    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES,
+    stream: bool | None = Field(None, strict=True,
+                                description="answer as server-sent events (partial images, then completed)")
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES, strict=True,
                                        description="partial images per image while streaming, spread over its rows")
-    guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE)
+    guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE, strict=True)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
-    image_area: int | None = Field(None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA,
+    image_area: int | None = Field(None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA, strict=True,
                                    description="pixels of the image (and of resized reference images); wins over "
                                                "quality")
     max_new_tokens: int | None = Field(None, ge=1, strict=True)
@@ -276,6 +372,19 @@ class OpenAIImageEvent(BaseModel):
     image_index: int = Field(..., description="which of the n images (an extension: OpenAI streams one)")
     partial_image_index: int | None = Field(None, description="0-based, partial images only")
     usage: OpenAIUsage | None = Field(None, description="completed events only")
+
+
+class OpenAIStreamError(BaseModel):
+    """A failure after an OpenAI stream started, in the shape the official client raises as an APIError."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail
+
+
+def openai_events(family: str) -> dict[str, type[BaseModel]]:
+    """Every event of a streamed OpenAI request of ``family`` (image_generation, image_edit)."""
+    return {f"{family}.partial_image": OpenAIImageEvent, f"{family}.completed": OpenAIImageEvent,
+            "error": OpenAIStreamError}
 
 
 class ModelCard(BaseModel):

@@ -7,24 +7,32 @@ other output formats (JPEG, WebP) are encoded here.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from PIL import Image
+from pydantic import BaseModel
 
 from service.server.errors import APIError
 from service.server.image_io import b64, encode_image
 from service.server.openai_images import OpenAIOutput
 from service.server.protocol import (
+    DoneData,
+    ErrorDetail,
     GenerationResponse,
     ImageData,
+    ImageProgressData,
+    ImageStartData,
     OpenAIImage,
     OpenAIImageEvent,
     OpenAIImagesResponse,
     OpenAIInputTokensDetails,
     OpenAIOutputTokensDetails,
+    OpenAIStreamError,
     OpenAIUsage,
     SegmentData,
+    StreamErrorData,
+    StreamImageData,
+    TextDeltaData,
     Timings,
     UsageData,
 )
@@ -54,43 +62,40 @@ def generation_body(out: Outcome, model: str, created: int) -> dict[str, Any]:
     ).model_dump(mode="json", exclude_none=True)
 
 
-def done_event(out: Outcome, record_url: str | None, include_record: bool) -> dict[str, Any]:
+def event(name: str, data: BaseModel) -> dict[str, str]:
+    """One SSE message; ``data`` is the model the API document names for the event (protocol.py)."""
+    return {"event": name, "data": data.model_dump_json(exclude_none=True)}
+
+
+def done_event(out: Outcome, record_url: str | None, include_record: bool) -> dict[str, str]:
     """The ``done`` event: the answer without its images, and where the record is (its URL when records
     are stored; the record itself only when the client asked for it)."""
-    data: dict[str, Any] = {
-        "id": out.request_id, "task": out.task.value, "text": out.text,
-        "segments": [s.model_dump(exclude_none=True) for s in _segments(out)],
-        "usage": _usage(out).model_dump(),
-        "finish_reason": out.finish_reason,
-        "timings": _timings(out).model_dump(),
-        "record_id": out.request_id,
-    }
-    if record_url is not None:
-        data["record_url"] = record_url
-    if include_record:
-        data["record"] = b64(out.record)
-    return data
+    return event("done", DoneData(
+        id=out.request_id, task=out.task, text=out.text, segments=_segments(out), usage=_usage(out),
+        finish_reason=out.finish_reason, timings=_timings(out), record_id=out.request_id, record_url=record_url,
+        record=b64(out.record) if include_record else None))
+
+
+def error_event(message: str, code: str) -> dict[str, str]:
+    """A failure after an Emu3.5 stream started."""
+    return event("error", StreamErrorData(message=message, code=code))
 
 
 def sse_message(ev: Any) -> dict[str, str]:
     """One run event (all but ``Finished``) as an SSE message. Previews are PNG-encoded here (CPU work:
     call off the event loop); finished images reuse the task layer's PNG."""
-    name: str
-    data: dict[str, Any]
     if isinstance(ev, TextOut):
-        name, data = ev.channel, {"delta": ev.delta}
-    elif isinstance(ev, ImageStart):
-        name, data = "image_start", {"index": ev.index, "width": ev.width, "height": ev.height}
-    elif isinstance(ev, ImageProgress):
-        name, data = "image_progress", {"index": ev.index, "rows": ev.rows, "total_rows": ev.total_rows}
-        if ev.preview is not None:
-            data["b64_json"] = b64(encode_image(ev.preview, "png"))
-    elif isinstance(ev, ImageReady):
-        name = "image"
-        data = {"index": ev.index, "b64_json": b64(ev.png), "width": ev.image.width, "height": ev.image.height}
-    else:  # pragma: no cover - every event type is handled by the caller or above
-        raise TypeError(f"unknown event {ev!r}")
-    return {"event": name, "data": json.dumps(data)}
+        return event(ev.channel, TextDeltaData(delta=ev.delta))
+    if isinstance(ev, ImageStart):
+        return event("image_start", ImageStartData(index=ev.index, width=ev.width, height=ev.height))
+    if isinstance(ev, ImageProgress):
+        preview = None if ev.preview is None else b64(encode_image(ev.preview, "png"))
+        return event("image_progress", ImageProgressData(index=ev.index, rows=ev.rows, total_rows=ev.total_rows,
+                                                         b64_json=preview))
+    if isinstance(ev, ImageReady):
+        return event("image", StreamImageData(index=ev.index, b64_json=b64(ev.png), width=ev.image.width,
+                                              height=ev.image.height))
+    raise TypeError(f"unknown event {ev!r}")  # pragma: no cover - the caller handles Finished
 
 
 def _openai_usage(usages: list[Usage]) -> OpenAIUsage:
@@ -184,5 +189,5 @@ class OpenAIStreamRenderer:
 
 def openai_error_event(message: str, code: str) -> dict[str, str]:
     """A failure after the stream started, in the shape the official client raises as an APIError."""
-    body = {"type": "error", "error": {"message": message, "type": "server_error", "param": None, "code": code}}
-    return {"event": "error", "data": json.dumps(body)}
+    error = ErrorDetail(message=message, type="server_error", param=None, code=code)
+    return {"event": "error", "data": OpenAIStreamError(error=error).model_dump_json()}

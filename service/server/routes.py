@@ -10,39 +10,37 @@ from pydantic import BaseModel, ValidationError
 
 from service.limits import MAX_REFERENCE_IMAGES
 from service.prompts import Task
-from service.server.deps import get_runtime, is_json, read_multipart, require_api_key, require_json
+from service.server.deps import get_runtime, is_json, optional_api_key, read_multipart, require_api_key, require_json
 from service.server.errors import APIError, validation_error
 from service.server.metrics import CONTENT_TYPE
+from service.server.openapi import error_responses, event_stream_schema, inline_schema
 from service.server.protocol import (
-    ErrorResponse,
+    GENERATION_EVENTS,
     GenerateRequest,
     GenerationResponse,
     InterleavedRequest,
     ModelCard,
     ModelList,
     OpenAIImageEditParams,
-    OpenAIImageEvent,
     OpenAIImageParams,
     OpenAIImagesResponse,
+    ServiceStatus,
     T2IRequest,
     X2IRequest,
+    openai_events,
 )
 from service.server.records import valid_record_id
 from service.server.runtime import Runtime
 from service.server.serving_generation import ServingGeneration
 from service.server.serving_openai import ServingOpenAIImages
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in ((400, "invalid request"), (401, "missing or wrong API key"), (413, "image too large"),
-                       (415, "wrong content type"), (429, "at capacity (see Retry-After)"),
-                       (503, "loading or shutting down"))
-}
+#: What every generation route may answer besides 200 (401, 408, 413: see service.server.openapi).
+_ERRORS = error_responses(400, 415, 429, 503)
 _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the generation (JSON), or server-sent events when `stream` is true or the client "
                          "accepts `text/event-stream`: text, global_cot, image_cot, image_start, image_progress, "
                          "image, done, error",
-          "content": {"text/event-stream": {}}},
+          "content": {"text/event-stream": {"schema": event_stream_schema(GENERATION_EVENTS)}}},
     **_ERRORS,
 }
 
@@ -65,27 +63,8 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise validation_error(exc.errors(include_url=False)) from None
 
 
-def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """``model``'s JSON schema with its ``$defs`` written in place: a schema placed by hand in the OpenAPI
-    document cannot keep pydantic's ``#/$defs/…`` references (ReDoc and Swagger UI fail to resolve them)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return resolve(defs[ref.removeprefix("#/$defs/")])
-            return {k: resolve(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [resolve(v) for v in node]
-        return node
-
-    return resolve(schema)
-
-
 def _multipart_openapi(model: type[BaseModel], files: str) -> dict[str, Any]:
-    schema = _inline_schema(model)
+    schema = inline_schema(model)
     schema["properties"][files] = {"type": "array", "items": {"type": "string", "format": "binary"}}
     return {"requestBody": {"content": {"multipart/form-data": {"schema": schema}}, "required": True}}
 
@@ -94,8 +73,10 @@ def _multipart_openapi(model: type[BaseModel], files: str) -> dict[str, Any]:
 
 
 @system.head("/health", include_in_schema=False)
-@system.get("/health", summary="liveness: fails once the engine died or the start failed",
-            responses={503: {"description": "the engine died or the start failed; the process is exiting"}})
+@system.get("/health", summary="liveness: fails once the engine died or the start failed", response_model=None,
+            responses={200: {"model": ServiceStatus, "description": "alive (also while the model loads)"},
+                       503: {"model": ServiceStatus,
+                             "description": "the engine died or the start failed; the process is exiting"}})
 async def health(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
     if runtime.alive:
         return JSONResponse({"status": "ok"})
@@ -103,17 +84,23 @@ async def health(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
 
 
 @system.head("/ready", include_in_schema=False)
-@system.get("/ready", summary="the engine and the VQ worker are loaded and answering",
-            responses={503: {"description": "loading, failed or shutting down"}})
-async def ready(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
+@system.get("/ready", summary="the engine and the VQ worker are loaded and answering", response_model=None,
+            description="Open to all; when the service has an API key, why it is not ready (`error`, which may "
+                        "name files) is told only to a caller that sends the key.",
+            responses={200: {"model": ServiceStatus, "description": "ready"},
+                       503: {"model": ServiceStatus, "description": "loading, failed, draining or dead"}})
+async def ready(runtime: Runtime = Depends(get_runtime), trusted: bool = Depends(optional_api_key)) -> JSONResponse:
     ok = await runtime.ready()
     body: dict[str, Any] = {"status": "ready" if ok else runtime.state}
-    if runtime.error:
+    if runtime.error and trusted:
         body["error"] = runtime.error
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@system.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(require_api_key)])
+@system.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response,
+            dependencies=[Depends(require_api_key)],
+            responses={200: {"description": "every emu35_* series",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -124,7 +111,11 @@ async def models(runtime: Runtime = Depends(get_runtime)) -> ModelList:
 
 
 @api.get("/records/{record_id}", tags=["emu3.5"], summary="a finished generation's .pb record",
-         responses={200: {"content": {"application/x-protobuf": {}}}, 404: {"model": ErrorResponse}})
+         response_class=Response,
+         responses={200: {"description": "the emu3p5.story.Story record",
+                          "content": {"application/x-protobuf": {"schema": {"type": "string", "format": "binary"}}}},
+                    **error_responses(400, 404,
+                                      descriptions={404: "no such record, or records are not kept (--output-dir)"})})
 async def record(record_id: str, runtime: Runtime = Depends(get_runtime)) -> Response:
     if runtime.records is None:
         raise APIError(404, "records are not kept: start the service with --output-dir", "records_disabled")
@@ -149,7 +140,7 @@ async def t2i(body: T2IRequest, request: Request) -> Response:
 @api.post("/x2i", tags=["emu3.5"], summary=f"edit / compose from 1–{MAX_REFERENCE_IMAGES} reference images (JSON or multipart)",
           response_model=GenerationResponse, responses=_GENERATION_RESPONSES,
           openapi_extra={"requestBody": {"content": {
-              "application/json": {"schema": _inline_schema(X2IRequest)},
+              "application/json": {"schema": inline_schema(X2IRequest)},
               **_multipart_openapi(X2IRequest, "images")["requestBody"]["content"]}, "required": True}})
 async def x2i(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
@@ -193,24 +184,27 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
 # ---- OpenAI-compatible image API ------------------------------------------------------------------
 
 
-_OPENAI_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the images (JSON), or with `stream: true` server-sent events: `<family>.partial_image` "
-                         "(`partial_images` per image, spread over its rows) then `<family>.completed` with `usage`, "
-                         "per image; the family is image_generation or image_edit (schema: OpenAIImageEvent)",
-          "content": {"text/event-stream": {"schema": _inline_schema(OpenAIImageEvent)}}},
-    **_ERRORS,
-}
+def _openai_responses(family: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"description": f"the images (JSON), or with `stream: true` server-sent events: `{family}.partial_image` "
+                             f"(`partial_images` per image, spread over its rows) then `{family}.completed` with "
+                             "`usage`, per image",
+              "content": {"text/event-stream": {"schema": event_stream_schema(openai_events(family))}}},
+        **_ERRORS,
+        **error_responses(404, descriptions={404: "`model` is not the served model"}),
+    }
 _MASK = "masks are not supported: describe the edit in the prompt"
 
 
 @api.post("/images/generations", tags=["openai"], summary="OpenAI: create an image (JSON or streamed)",
-          response_model=OpenAIImagesResponse, responses=_OPENAI_RESPONSES, dependencies=[Depends(require_json)])
+          response_model=OpenAIImagesResponse, responses=_openai_responses("image_generation"),
+          dependencies=[Depends(require_json)])
 async def images_generations(body: OpenAIImageParams, request: Request) -> Response:
     return await _openai(request).create("images_generations", Task.T2I, body, [], request)
 
 
 @api.post("/images/edits", tags=["openai"], summary="OpenAI: edit images (multipart; JSON or streamed answer)",
-          response_model=OpenAIImagesResponse, responses=_OPENAI_RESPONSES,
+          response_model=OpenAIImagesResponse, responses=_openai_responses("image_edit"),
           openapi_extra=_multipart_openapi(OpenAIImageEditParams, "image"))
 async def images_edits(request: Request) -> Response:
     s = request.app.state.runtime.settings

@@ -17,6 +17,7 @@ from typing import Callable
 import uvicorn
 from pydantic import ValidationError
 
+from service.server.connections import guarded_h11
 from service.server.runtime import Runtime
 from service.server.settings import Settings, load_settings
 from service.task import CheckpointError, check_model
@@ -60,7 +61,9 @@ def serve(settings: Settings) -> int:
     runtime = Runtime(settings)
     app = create_app(settings, runtime)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=5, access_log=settings.log_level == "debug")
+                            timeout_graceful_shutdown=5, access_log=settings.log_level == "debug",
+                            http=guarded_h11(settings.max_connections, settings.header_timeout, settings.body_timeout),
+                            timeout_keep_alive=settings.keep_alive_timeout)
     DrainingServer(config, runtime, settings.shutdown_grace_seconds).run()
     return 0 if runtime.error is None else 1
 

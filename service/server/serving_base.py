@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -27,6 +26,7 @@ from service.server.errors import APIError, bad_request
 from service.server.image_io import image_bytes_from_text, open_image
 from service.server.limiter import Overloaded, Slot
 from service.server.protocol import SamplingOverrides
+from service.server.render import error_event
 from service.server.runtime import Runtime
 from service.server.streams import merge_streams
 from service.task import (
@@ -109,11 +109,13 @@ class Admitted:
     prepared: Prepared
 
 
-async def run_cancellable(request: Request, work: Awaitable[T], runtime: Runtime, request_id: str) -> T:
+async def run_cancellable(request: Request, work: Awaitable[T], runtime: Runtime, request_id: str | None = None) -> T:
     """Await ``work`` while watching the connection: if the client disconnects first, cancel the work
-    (which aborts the engine pair) and raise :class:`ClientDisconnected`."""
+    (waiting for a slot gives the queue place back; running aborts the engine pair) and raise
+    :class:`ClientDisconnected`. ``request_id`` names work in flight, which a drain waits for."""
     task = asyncio.ensure_future(work)
-    runtime.inflight[request_id] = task
+    if request_id is not None:
+        runtime.inflight[request_id] = task
 
     async def watch() -> None:
         while True:
@@ -133,7 +135,8 @@ async def run_cancellable(request: Request, work: Awaitable[T], runtime: Runtime
         raise ClientDisconnected()
     finally:
         watcher.cancel()
-        runtime.inflight.pop(request_id, None)
+        if request_id is not None:
+            runtime.inflight.pop(request_id, None)
         if not task.done():
             task.cancel()
 
@@ -154,7 +157,10 @@ class ServingBase:
         self._check_room()  # a full service answers 429 before decoding any upload
         job = await self.job(endpoint, task, params, images, request)
         if job.stream:
-            admitted = await self._admit_all(job)
+            try:  # a client that leaves while queued gives its place back
+                admitted = await run_cancellable(request, self._admit_all(job), self.rt)
+            except ClientDisconnected:
+                return Response(status_code=499)
             return self.stream(job, admitted, self._events(job, admitted))
         try:
             async with asyncio.TaskGroup() as group:
@@ -186,7 +192,7 @@ class ServingBase:
 
     def error_event(self, job: Job, message: str, code: str) -> dict[str, str]:
         """A failure after the stream started, as an SSE message (the Emu3.5 shape by default)."""
-        return {"event": "error", "data": json.dumps({"message": message, "code": code})}
+        return error_event(message, code)
 
     # ---- steps -------------------------------------------------------------------------------------
     def _runner(self) -> GenerationRunner:
@@ -218,17 +224,28 @@ class ServingBase:
         return await asyncio.to_thread(lambda: [one(i, x) for i, x in enumerate(images)])
 
     async def _admit_all(self, job: Job) -> list[Admitted]:
-        """Admit and prepare every generation of a streamed job at once; if any fails, free the others'
-        slots and raise its error (before the response starts)."""
-        results = await asyncio.gather(*(self._admit_and_prepare(g, job.id_prefix) for g in job.inputs),
-                                       return_exceptions=True)
-        admitted = [Admitted(*r) for r in results if isinstance(r, tuple)]
-        failures = [r for r in results if isinstance(r, BaseException)]
+        """Admit and prepare every generation of a streamed job at once; if any fails, or the wait is
+        cancelled (the client left), free the slots already taken and raise (before the response starts)."""
+        tasks = [asyncio.ensure_future(self._admit_and_prepare(g, job.id_prefix)) for g in job.inputs]
+
+        def release_taken() -> None:
+            for t in tasks:
+                if t.done() and not t.cancelled() and t.exception() is None:
+                    t.result()[0].release()
+
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            release_taken()
+            raise
+        failures = [exc for t in tasks if (exc := t.exception()) is not None]
         if failures:
-            for a in admitted:
-                a.slot.release()
+            release_taken()
             raise failures[0]
-        return admitted
+        return [Admitted(*t.result()) for t in tasks]
 
     def _check_room(self) -> None:
         try:
@@ -243,6 +260,9 @@ class ServingBase:
         except Overloaded as exc:
             raise overloaded(exc) from None
         try:
+            # a request that waited in the queue while the service began to drain (or its engine died)
+            # is answered as a newcomer would be, instead of starting work the drain would cut
+            self.ensure_accepting()
             return slot, await self._runner().prepare(gen, rid)
         except PlanError as exc:
             slot.release()
@@ -255,7 +275,8 @@ class ServingBase:
         return out.finish_reason == "abort" and self.rt.state in ("draining", "stopped")
 
     async def _run(self, request: Request, job: Job, gen: GenerationInput) -> Outcome:
-        slot, prepared = await self._admit_and_prepare(gen, job.id_prefix)
+        # watched from the start: a client that leaves while queued gives its place back
+        slot, prepared = await run_cancellable(request, self._admit_and_prepare(gen, job.id_prefix), self.rt)
         try:
             out = await run_cancellable(request, self._outcome(job.endpoint, prepared), self.rt,
                                         prepared.request.request_id)

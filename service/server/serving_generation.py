@@ -11,7 +11,6 @@ puts the record itself in it.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -35,7 +34,7 @@ class ServingGeneration(ServingBase):
         options = GenerationOptions(
             size=params.size_spec(), cfg_scale=params.guidance_scale, max_new_tokens=params.max_new_tokens,
             text=sampling_override(params.text_sampling), image=sampling_override(params.image_sampling),
-            seed=params.seed, image_area=params.image_area, variant=self.variant)
+            seed=params.seed, image_area=params.image_area, variant=self.variant, uncond_mode=params.uncond_mode)
         pictures = await self.decode_images(images, "images")
         return Job(endpoint, [GenerationInput(task, params.prompt, tuple(pictures), options)],
                    stream=wants_stream(params, request),
@@ -56,5 +55,5 @@ class ServingGeneration(ServingBase):
         if isinstance(ev, Finished):
             out = ev.outcome
             url = f"/v1/records/{out.request_id}" if self.rt.records is not None else None
-            return {"event": "done", "data": json.dumps(done_event(out, url, job.options.include_record))}
+            return done_event(out, url, job.options.include_record)
         return await asyncio.to_thread(sse_message, ev)

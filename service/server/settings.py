@@ -96,6 +96,17 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="bearer token required on every route but /health, /ready")
     output_dir: Path | None = Field(None, description="write each record as <id>.pb here; serve at /v1/records/{id}")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="time in-flight work gets to finish on SIGTERM")
+    max_connections: int = Field(
+        512, ge=1,
+        description="open HTTP connections at most; one more is answered 503 too_many_connections and closed")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection is kept open")
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a client has to send a request's headers (from connecting, or from the "
+                                "first byte of the next request on a kept-alive connection); then 408 and closed")
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds a client has to send a request's body once its headers are in, plus one "
+                                "per 64 KiB received (a slow but steady upload gets through, a trickle does not); "
+                                "then 408")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     demo: bool = Field(False, description="serve the built-in tiny model on CPU (built once, cached)")

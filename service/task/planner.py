@@ -29,7 +29,8 @@ from service.prompts import (
     resolve_target_grid,
 )
 from service.tokenizer import Emu35Tokenizer
-from service.types import GenerationRequest, SamplingOverride, SamplingSettings
+from service.types import GenerationRequest, SamplingOverride, SamplingSettings, UncondMode
+from service.vq.resize import reference_image_size
 
 
 class PlanError(ValueError):
@@ -58,6 +59,7 @@ class GenerationOptions:
     #: An explicit WxH larger than the image area is scaled down to the nearest grid of its aspect within
     #: the area (OpenAI's sizes), instead of being drawn as asked.
     fit_size_to_area: bool = False
+    uncond_mode: UncondMode = "lockstep"  # what the guidance branch sees (design.md §5.2)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Plan:
     stop: str  # "eoi" | "eos"
     seed: int | None
     fit_size_to_area: bool = False
+    uncond_mode: UncondMode = "lockstep"
     metadata: dict = field(default_factory=dict, compare=False)
 
 
@@ -114,6 +117,7 @@ def resolve(task: Task | str, options: GenerationOptions, service_image_area: in
         stop=d.stop,
         seed=options.seed,
         fit_size_to_area=options.fit_size_to_area,
+        uncond_mode=options.uncond_mode,
     )
 
 
@@ -126,6 +130,26 @@ def check_reference_count(count: int) -> None:
 def image_token_count(height: int, width: int) -> int:
     """Tokens one generated image takes: BOI, the header digits, '*', IMG, then H·(W+1) (design.md §3)."""
     return 3 + len(str(height)) + len(str(width)) + height * (width + 1)
+
+
+def check_reference_tokens(sizes: Sequence[tuple[int, int]], plan: Plan, downsample: int,
+                           max_model_len: int | None) -> None:
+    """Refuse reference images whose tokens alone would not fit the model's context, before any is encoded.
+
+    Each image is resized to the plan's image area before encoding, and encoding costs memory in
+    proportion to that area; a request's ``image_area`` may ask for up to ``MAX_IMAGE_AREA`` pixels, so
+    a 16×16 px upload would otherwise be blown up and encoded at 16 megapixels only to be refused by
+    the context check afterwards. ``sizes`` are the uploads' (width, height)."""
+    if max_model_len is None or not sizes:
+        return
+    tokens = 0
+    for width, height in sizes:
+        w, h = reference_image_size(width, height, plan.image_area, downsample)
+        tokens += image_token_count(h // downsample, w // downsample)
+    if tokens >= max_model_len:
+        raise PlanError(f"the reference images at an image area of {plan.image_area} px take {tokens} tokens, too "
+                        f"many for the model's context of {max_model_len} tokens; ask for a smaller image_area",
+                        "image_area")
 
 
 def plan_request(tok: Emu35Tokenizer, task: Task | str, question: str, reference_grids: Sequence[np.ndarray],
@@ -194,5 +218,6 @@ def build_request(tok: Emu35Tokenizer, plan: Plan, question: str, reference_grid
         stop_token_ids=stop,
         target_grid=target,
         seed=plan.seed,
+        uncond_mode=plan.uncond_mode,
     )
 

@@ -37,7 +37,14 @@ from service.task.events import (
     TextOut,
     Usage,
 )
-from service.task.planner import GenerationOptions, PlanError, build_request, check_reference_count, resolve
+from service.task.planner import (
+    GenerationOptions,
+    PlanError,
+    build_request,
+    check_reference_count,
+    check_reference_tokens,
+    resolve,
+)
 from service.task.previews import PreviewSchedule
 from service.token_layout import (
     GlobalCotSegment,
@@ -154,6 +161,7 @@ class GenerationRunner:
         """Plan, encode the reference images and check the engine can run it; raise :class:`PlanError`."""
         check_reference_count(len(gen.images))
         plan = resolve(gen.task, gen.options, self.image_area)
+        check_reference_tokens([im.size for im in gen.images], plan, self.vq.downsample, self.engine.max_model_len)
         grids = await self.vq.encode(list(gen.images), plan.image_area) if gen.images else []
         req = build_request(self.tok, plan, gen.question, grids, request_id, max_model_len=self.engine.max_model_len)
         try:

@@ -5,7 +5,8 @@ for a few seconds on synthetic answers in the Emu3.5 format (built with the proj
 builder and token layout):
 
 * t2i / x2i: ``BOI H*W IMG <rows> EOI`` right after the assistant start;
-* howto / story / explore / vla: ``BOG cot EOG sentence BOC cot EOC <image> sentence EOS``.
+* story / explore / vla: ``BOG cot EOG sentence BOC cot EOC <image> sentence EOS``;
+* howto: the same with two ``BOC cot EOC <image> sentence`` steps (text before and between two images).
 
 The vocabulary is the real one (282,926), which makes a full softmax the expensive part of training.
 We avoid it exactly in expectation: only the few hundred text/control tokens the data uses get their
@@ -48,6 +49,9 @@ _SENTENCES = (
     "Finally the boat finds the light.",
     "Next we make tea with water and fire.",
 )
+#: A howto answer has two steps, each an image and a sentence, so the tests have an answer with text
+#: before and between two generated images (the second sentence, not the first, is followed by EOS).
+_HOWTO_STEPS = ("Then the happy dog runs by the river.", "Finally the boat finds the light.")
 _GLOBAL_COT = ("The story has a cat and a tree.", "We make a picture of the city.")
 _IMAGE_COT = ("A red house.", "A blue sky.")
 
@@ -150,9 +154,10 @@ def make_example(tok: Emu35Tokenizer, spec: TinyLMSpec, rng: random.Random) -> E
         i = tok.ids
         add([i.bog] + tok.encode(rng.choice(_GLOBAL_COT), allow_special=False) + [i.eog])
         add(tok.encode(rng.choice(_SENTENCES), allow_special=False))
-        add([i.boc] + tok.encode(rng.choice(_IMAGE_COT), allow_special=False) + [i.eoc])
-        add(*_answer_image(tok, _random_grid(rng, spec, tok.ids.num_visual)))
-        add(tok.encode(" " + rng.choice(_SENTENCES), allow_special=False))
+        for sentence in (_HOWTO_STEPS if task == Task.HOWTO else (rng.choice(_SENTENCES),)):
+            add([i.boc] + tok.encode(rng.choice(_IMAGE_COT), allow_special=False) + [i.eoc])
+            add(*_answer_image(tok, _random_grid(rng, spec, tok.ids.num_visual)))
+            add(tok.encode(" " + sentence, allow_special=False))
         add([i.eos])
     ids = prompt + answer
     # loss_mask[p] says whether predicting ids[p+1] from ids[:p+1] is trained

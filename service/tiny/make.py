@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 #: Bump when the tiny checkpoints change, so stale caches are rebuilt.
-TINY_VERSION = 2  # 2: the tiny VQ has the real widths (embed_dim and z_channels 256) and flags
+TINY_VERSION = 3  # 2: the tiny VQ has the real widths (embed_dim and z_channels 256) and flags; 3: howto answers have two images
 MANIFEST = "manifest.json"
 
 

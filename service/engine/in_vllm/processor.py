@@ -11,7 +11,14 @@ which keeps the pair in lockstep.
 A pair whose halves are not both in the batch, or whose halves have produced different numbers of
 tokens (one was preempted, or one prefill finished a step later), is failed: both rows are forced to
 write PAD, which the engine passes as a stop token and reports as an error. Wrong tokens are never
-continued.
+continued. In the ``reference`` uncond mode (design.md §5.2) the cond row runs alone outside images
+and each image's uncond row joins at its first pixel: there the uncond row must have produced exactly
+the tokens the cond row wrote since its last IMG, and a cond row about to draw a pixel without its
+uncond row is failed.
+
+A row that vLLM leaves out of a step (the pair scheduler does that to a reference cond waiting for its
+image's uncond) is removed from the batch and added back later with the same output list; its state
+(rules state, generator, counters) is parked meanwhile and restored, so seeded draws continue.
 
 Rows whose ``SamplingParams.extra_args`` carry no Emu3.5 spec pass through untouched, except the
 engine's start-up probe (``pairing.PROBE_KEY``): its row is forced to the token that says whether the
@@ -21,6 +28,7 @@ pair scheduler admitted it, which proves that this processor and that scheduler 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +36,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from service.engine.policy.pairing import COND, EXTRA_KEY, UNCOND, RowSpec, probe_answer
 from service.engine.policy.rules import (
+    HEADER,
     PIXELS,
     TEXT,
     Guidance,
@@ -53,6 +62,15 @@ class _Row:
     gen: torch.Generator | None
     draws: int
     mode: int = TEXT  # host-side mirror of the row's rules mode (picks the sampling columns)
+    img_at: int = 0  # output ids up to and including the row's latest IMG (reference-mode drift check)
+
+
+@dataclass
+class _Parked:
+    """A row vLLM took out of the batch, kept until it comes back (or is pushed out by newer ones)."""
+
+    row: _Row
+    state: torch.Tensor  # the row's RowState entries, stacked (device)
 
 
 class Emu35LogitsProcessor(LogitsProcessor):
@@ -88,6 +106,11 @@ class Emu35LogitsProcessor(LogitsProcessor):
         self.managed = torch.zeros(n, dtype=torch.bool, device=device)
         self.orphan = torch.zeros(n, dtype=torch.bool, device=device)
         self.pairs: list[tuple[int, int]] = []  # (cond row, uncond row) of every complete pair
+        self.lone_image_conds: list[int] = []  # reference-mode cond rows whose image uncond is not in the batch
+        # rows out of the batch, by id() of their output list (kept alive here, so the id stays theirs);
+        # finished requests are parked too (a removal does not say why), hence the bound
+        self.parked: OrderedDict[int, _Parked] = OrderedDict()
+        self.max_parked = 4 * max_rows
         self.leader = torch.arange(n, dtype=torch.long, device=device)
         self.text_k = torch.ones(n, dtype=torch.long, device=device)
         self.img_k = torch.ones(n, dtype=torch.long, device=device)
@@ -119,6 +142,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
 
     def _apply_batch_update(self, bu: BatchUpdate) -> None:
         for index in bu.removed:
+            self._park(index)
             self.rows[index] = None
             self.probes.pop(index, None)
         for added in bu.added:
@@ -131,6 +155,8 @@ class Emu35LogitsProcessor(LogitsProcessor):
             spec = RowSpec.from_extra(extra)
             if spec is None:
                 self.rows[index] = None
+                continue
+            if self._unpark(index, out):
                 continue
             gen = None
             if spec.seed is not None:
@@ -154,6 +180,25 @@ class Emu35LogitsProcessor(LogitsProcessor):
                     self.probes[index] = answer
         self.batch_size = bu.batch_size
         self._rebuild_maps()
+
+    def _park(self, index: int) -> None:
+        row = self.rows[index]
+        if row is None:
+            return
+        state = torch.stack([t[index] for t in self.state.tensors()])
+        self.parked[id(row.out)] = _Parked(row, state)
+        while len(self.parked) > self.max_parked:
+            self.parked.popitem(last=False)
+
+    def _unpark(self, index: int, out: list[int]) -> bool:
+        """Put a row that comes back into the batch at ``index`` as it was; False for a new row."""
+        parked = self.parked.pop(id(out), None)
+        if parked is None or parked.row.out is not out:
+            return False
+        self.rows[index] = parked.row
+        for t, value in zip(self.state.tensors(), parked.state):
+            t[index] = value
+        return True
 
     def _rebuild_maps(self) -> None:
         """Pair links and per-row settings, recomputed only when the batch changes."""
@@ -179,6 +224,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
                 uncond_at[s.pair_id] = i
         orphan = [False] * n
         pairs = []
+        lone = []
         for pair, u in uncond_at.items():
             c = cond_at.get(pair)
             if c is None:
@@ -188,13 +234,18 @@ class Emu35LogitsProcessor(LogitsProcessor):
             leader[u] = c
             pairs.append((c, u))
         for pair, c in cond_at.items():
-            if pair not in uncond_at:
-                logger.error("emu35: cond row of pair %s has no uncond row in the batch; failing it", pair)
-                orphan[c] = True
+            if pair in uncond_at:
+                continue
+            if self.rows[c].spec.image_only:  # type: ignore[union-attr]
+                lone.append(c)  # runs alone outside images; failed only if it must draw a pixel alone
+                continue
+            logger.error("emu35: cond row of pair %s has no uncond row in the batch; failing it", pair)
+            orphan[c] = True
         dev = self.device
         self.managed.copy_(torch.tensor(managed, device=dev))
         self.orphan.copy_(torch.tensor(orphan, device=dev))
         self.pairs = pairs
+        self.lone_image_conds = lone
         self.any_orphan = any(orphan)
         self.leader.copy_(torch.tensor(leader, device=dev))
         self.text_k.copy_(torch.tensor(tk, device=dev))
@@ -222,7 +273,9 @@ class Emu35LogitsProcessor(LogitsProcessor):
                     if t < 0:  # an async-scheduling placeholder: read it next time
                         break
                     new.append(t)
-                    row.mode = host_mode(row.mode, t, self.tables)
+                    before, row.mode = row.mode, host_mode(row.mode, t, self.tables)
+                    if before == HEADER and row.mode == PIXELS:
+                        row.img_at = row.seen + len(new)
                 row.seen += len(new)
                 if new:
                     pending.append((i, new))
@@ -261,7 +314,10 @@ class Emu35LogitsProcessor(LogitsProcessor):
         managed = None if self.all_managed else self.managed[:rows]
         if not self.all_managed:
             original = logits.clone()
-        columns = sampling_columns([row.mode == PIXELS for row in self.rows[:rows] if row is not None], self.tables)
+        # uncond rows take their cond row's token, so only the other rows decide the columns (a reference
+        # uncond row starts after IMG and never sees BOI, so its own mode says nothing)
+        columns = sampling_columns([row.mode == PIXELS for row in self.rows[:rows]
+                                    if row is not None and row.spec.role != UNCOND], self.tables)
         tokens = next_tokens(logits, self.state.view(rows), self.tables, self.guidance, text, image, self.k_cap,
                              gens, draws, self.fallback, managed, columns)
         tokens = tokens[self.leader[:rows]]  # the uncond row takes its cond row's token
@@ -277,14 +333,26 @@ class Emu35LogitsProcessor(LogitsProcessor):
 
     def _broken_rows(self, rows: int) -> torch.Tensor | None:
         """Rows of pairs that lost lockstep (host-side list lengths only; no device read)."""
-        drifted = [(c, u) for c, u in self.pairs if c < rows and u < rows
-                   and self.rows[c].seen != self.rows[u].seen]  # type: ignore[union-attr]
-        if not drifted and not self.any_orphan:
+        drifted = [(c, u) for c, u in self.pairs if c < rows and u < rows and self._drift(c, u) != 0]
+        alone = [c for c in self.lone_image_conds if c < rows and self.rows[c].mode == PIXELS]  # type: ignore[union-attr]
+        if not drifted and not alone and not self.any_orphan:
             return None
         broken = self.orphan[:rows].clone()
         for c, u in drifted:
-            logger.error("emu35: pair %s drifted apart (%d vs %d tokens); failing it",
-                         self.rows[c].spec.pair_id, self.rows[c].seen, self.rows[u].seen)  # type: ignore[union-attr]
+            logger.error("emu35: pair %s drifted apart (%d tokens); failing it",
+                         self.rows[c].spec.pair_id, self._drift(c, u))  # type: ignore[union-attr]
             broken[c] = broken[u] = True
+        for c in alone:
+            logger.error("emu35: cond row of pair %s must draw a pixel without its uncond row; failing it",
+                         self.rows[c].spec.pair_id)  # type: ignore[union-attr]
+            broken[c] = True
         return broken
+
+    def _drift(self, c: int, u: int) -> int:
+        """Tokens the uncond row of a pair is behind (+) or ahead (−) of where its cond row says it must
+        be: all of the cond row's tokens in lockstep, those since its latest IMG in reference mode."""
+        cond, uncond = self.rows[c], self.rows[u]
+        assert cond is not None and uncond is not None
+        expected = cond.seen - cond.img_at if cond.spec.image_only else cond.seen
+        return expected - uncond.seen
 

@@ -1,16 +1,19 @@
 """How an Emu3.5 request travels through vLLM: per-row settings in ``SamplingParams.extra_args``.
 
 A guided generation is two vLLM requests, ``<id>`` (cond) and ``<id>#uncond``, that share a pair id.
-The logits processor reads the settings below from each row's ``extra_args["emu35"]``; the pair-aware
-scheduler reads the pair id to admit both halves together. This module has no vLLM import, so the
+In the ``reference`` uncond mode (design.md §5.2) the cond request runs alone between images and each
+image gets an uncond request of its own, ``<id>#uncond<n>``, whose prompt is the uncond prompt and the
+image spans so far. The logits processor reads the settings below from each row's
+``extra_args["emu35"]``; the pair-aware scheduler reads the pair id to admit both halves together. This module has no vLLM import, so the
 engine front end, the processor and the scheduler (which live in different processes) share it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
+from service.engine.policy.spans import SpanTokens, image_body_tokens
 from service.types import GenerationRequest, SamplingSettings
 
 EXTRA_KEY = "emu35"
@@ -55,6 +58,18 @@ class RowSpec:
     image: SamplingSettings
     target_grid: tuple[int, int] | None
     seed: int | None
+    #: ``reference``: the pair's uncond rows see only image spans and exist only while an image is drawn
+    uncond_mode: str = "lockstep"
+    #: a reference-mode cond row: the worst-case length (tokens) of any of its uncond requests, which the
+    #: scheduler keeps reserved while none runs, so an image can always start
+    uncond_reserve: int = 0
+    #: a reference-mode cond row: (BOI, IMG, EOI), so the scheduler can follow the row into an image
+    switch_ids: tuple[int, int, int] | None = None
+
+    @property
+    def image_only(self) -> bool:
+        """A row of a pair whose uncond branch sees only image spans."""
+        return self.uncond_mode == "reference" and self.role in (COND, UNCOND)
 
     def to_extra(self) -> dict[str, Any]:
         return {
@@ -66,6 +81,9 @@ class RowSpec:
                 "image": [self.image.top_k, self.image.top_p, self.image.temperature],
                 "target": list(self.target_grid) if self.target_grid else None,
                 "seed": self.seed,
+                "uncond": self.uncond_mode,
+                "reserve": self.uncond_reserve,
+                "switch": list(self.switch_ids) if self.switch_ids else None,
             }
         }
 
@@ -76,6 +94,10 @@ class RowSpec:
             return None
         d = extra[EXTRA_KEY]
         target = d.get("target")
+        switch = d.get("switch")
+        mode = str(d.get("uncond", "lockstep"))
+        if mode not in ("lockstep", "reference"):
+            raise ValueError(f"unknown uncond mode {mode!r}")
         return cls(
             pair_id=str(d["pair"]),
             role=str(d["role"]),
@@ -84,17 +106,48 @@ class RowSpec:
             image=SamplingSettings(int(d["image"][0]), float(d["image"][1]), float(d["image"][2])),
             target_grid=(int(target[0]), int(target[1])) if target else None,
             seed=None if d.get("seed") is None else int(d["seed"]),
+            uncond_mode=mode,
+            uncond_reserve=int(d.get("reserve", 0)),
+            switch_ids=(int(switch[0]), int(switch[1]), int(switch[2])) if switch else None,
         )
 
 
-def row_specs(req: GenerationRequest) -> list[tuple[str, list[int], RowSpec]]:
-    """The vLLM requests of one generation: ``(request_id, prompt_ids, spec)`` for cond (and uncond)."""
+def row_specs(req: GenerationRequest, ids: SpanTokens) -> list[tuple[str, list[int], RowSpec]]:
+    """The vLLM requests a generation starts with: ``(request_id, prompt_ids, spec)`` for cond (and
+    uncond in lockstep mode; in reference mode each image's uncond request comes from
+    :func:`image_uncond`)."""
     role = COND if req.guided else SOLO
     base = RowSpec(req.request_id, role, req.cfg_scale, req.text_sampling, req.image_sampling,
                    req.target_grid, req.seed)
+    if req.image_only_uncond:
+        reserve = len(req.uncond_prompt or []) + req.max_new_tokens
+        base = replace(base, uncond_mode="reference", uncond_reserve=reserve, switch_ids=(ids.boi, ids.img, ids.eoi))
     rows = [(req.request_id, list(req.cond_prompt), base)]
-    if req.guided:
-        uncond = RowSpec(req.request_id, UNCOND, req.cfg_scale, req.text_sampling, req.image_sampling,
-                         req.target_grid, None)
+    if req.guided and not req.image_only_uncond:
+        uncond = replace(base, role=UNCOND, seed=None)
         rows.append((req.request_id + UNCOND_SUFFIX, list(req.uncond_prompt or []), uncond))
     return rows
+
+
+@dataclass(frozen=True)
+class ImageUncond:
+    """The uncond request of one image in the reference mode."""
+
+    request_id: str
+    prompt: list[int]
+    spec: RowSpec
+    max_tokens: int
+
+
+def image_uncond(req: GenerationRequest, number: int, spans: list[int], grid: tuple[int, int],
+                 generated: int) -> ImageUncond:
+    """The uncond request for image ``number`` (1-based) of a reference-mode generation, started when the
+    cond row has written ``generated`` tokens, the last being the IMG that closed the header of a
+    ``grid`` image. Its prompt is the uncond prompt plus every image span so far (this header included),
+    so prefix caching reuses the earlier images' blocks; it runs until the image's EOI (or the cond
+    row's token limit) and always receives the cond row's token."""
+    spec = RowSpec(req.request_id, UNCOND, req.cfg_scale, req.text_sampling, req.image_sampling,
+                   req.target_grid, None, uncond_mode="reference")
+    max_tokens = min(image_body_tokens(grid), req.max_new_tokens - generated)
+    return ImageUncond(f"{req.request_id}{UNCOND_SUFFIX}{number}", list(req.uncond_prompt or []) + list(spans),
+                       spec, max_tokens)

@@ -22,14 +22,12 @@ from typing import Sequence
 
 import torch
 
-TEXT, HEADER, PIXELS = 0, 1, 2
+from service.engine.policy.spans import HEADER, PIXELS, TEXT, next_mode
 
 # Categories of "what may come next" (rows of VocabTables.allow / .deny). CAT_ANY: a row the rules do
 # not manage (a non-Emu3.5 request sharing vLLM's batch), left untouched.
 CAT_TEXT, CAT_VISUAL, CAT_NONZERO_DIGIT, CAT_DIGIT, CAT_ANY = 0, 1, 2, 3, 4
 
-#: Length of a sampled (unconstrained) header: two digits, '*', two digits, IMG.
-FREE_HEADER_LEN = 6
 _POW10 = (1, 10, 100, 1000, 10000, 100000)
 
 
@@ -295,11 +293,7 @@ def host_mode(mode: int, token: int, tables: VocabTables) -> int:
     It must follow :func:`advance` exactly: image mode is entered only through BOI → header → IMG, so
     an IMG (or EOL, EOI) sampled in text mode leaves the row in text mode, as the release does.
     """
-    if mode == TEXT:
-        return HEADER if token == tables.boi else TEXT
-    if mode == HEADER:
-        return PIXELS if token == tables.img else HEADER
-    return TEXT if token == tables.eoi else PIXELS
+    return next_mode(mode, token, tables)
 
 
 def sampling_columns(in_image: Sequence[bool], tables: VocabTables) -> slice:

@@ -3,7 +3,8 @@
 It runs where vLLM does not and is the oracle of the vLLM engine's tests: both apply the same rule and
 sampling functions (``service.engine.policy.rules``) to their logits, so greedy decoding must give identical
 ids. The cond and uncond sequences of a request run as one left-padded batch of two; the uncond row
-always receives the cond row's token (the lockstep form of design.md §5).
+always receives the cond row's token (the lockstep form of design.md §5). In the ``reference`` uncond
+mode the uncond branch is a sequence of its own that is fed only the generated image spans.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from service.engine.policy.rules import (
     next_tokens,
     sampling_columns,
 )
+from service.engine.policy.spans import in_image_span
 from service.lm_checkpoint import CheckpointError, Emu3Config
 from service.tokenizer import Emu35Tokenizer
 from service.types import GenerationRequest, TokenDelta
@@ -65,13 +67,14 @@ class ReferenceEngine:
     @torch.inference_mode()
     def generate(self, req: GenerationRequest) -> Iterator[TokenDelta]:
         """Yield one delta per generated token (the cond sequence's)."""
+        image_only = req.image_only_uncond
         prompts = [req.cond_prompt] + ([req.uncond_prompt] if req.guided and req.uncond_prompt else [])
-        rows = len(prompts)
-        width = max(len(p) for p in prompts)
-        pad = self.tok.ids.pad
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device)
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        rows = len(prompts)  # rows the rules see: cond (and uncond when guided)
+        # the rows the model runs in one batch: both in lockstep, the cond row alone in reference mode
+        # (its uncond branch is a separate sequence that sees only image spans)
+        batch = prompts[:1] if image_only else prompts
+        ids, attn, positions = self._left_padded(batch)
+        uncond = _ImageOnlyUncond(self, req.uncond_prompt or []) if image_only else None
 
         state = RowState.empty(rows, self.device)
         fixed = req.target_grid or (0, 0)
@@ -96,14 +99,19 @@ class ReferenceEngine:
         for step in range(req.max_new_tokens):
             started = time.perf_counter()
             logits = out.logits[:, -1, :].float().clone()
+            if uncond is not None:
+                # the uncond branch is needed (and fed) only while a pixel is drawn; elsewhere CFG gives
+                # its row weight 0, so the cond row's own logits stand in for it
+                logits = torch.cat([logits, uncond.logits() if mode == PIXELS else logits])
             chosen = next_tokens(logits, state, self.tables, guidance, text, image, k_cap,
                                  [gen] + [None] * (rows - 1), [k_cap] * rows, self._fallback,
                                  columns=sampling_columns([mode == PIXELS], self.tables))
             token = chosen[:1]
-            tokens = token.expand(rows)  # the uncond row takes the cond row's token (lockstep)
-            advance(state, tokens, self.tables)
+            advance(state, token.expand(rows), self.tables)  # the uncond row takes the cond row's token
             t = int(token.item())
-            mode = host_mode(mode, t, self.tables)
+            before, mode = mode, host_mode(mode, t, self.tables)
+            if uncond is not None and in_image_span(before, mode):
+                uncond.append(t)
             if t in stops:
                 reason = "stop"
             elif step + 1 >= req.max_new_tokens:
@@ -111,15 +119,58 @@ class ReferenceEngine:
             else:
                 reason = None
             if reason is None:
-                attn = torch.cat([attn, torch.ones((rows, 1), dtype=attn.dtype, device=self.device)], dim=1)
+                fed = token.expand(len(batch))
+                attn = torch.cat([attn, torch.ones((len(batch), 1), dtype=attn.dtype, device=self.device)], dim=1)
                 positions = positions[:, -1:] + 1
-                out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=positions,
+                out = self.model(input_ids=fed[:, None], attention_mask=attn, position_ids=positions,
                                  use_cache=True, **{self._cache_arg: cache})
                 cache = getattr(out, self._cache_arg)
             yield TokenDelta([t], reason, time.perf_counter() - started)
             if reason is not None:
                 return
 
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids, attention mask and positions of ``prompts`` as one left-padded batch."""
+        width = max(len(p) for p in prompts)
+        pad = self.tok.ids.pad
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0)
+
     def generate_ids(self, req: GenerationRequest) -> list[int]:
         return [t for d in self.generate(req) for t in d.token_ids]
+
+
+class _ImageOnlyUncond:
+    """The reference form's unconditional branch (design.md §5.2): the uncond prompt followed by the
+    generated image spans only, run as its own sequence with its own KV cache.
+
+    Tokens are queued as the cond row writes them and run only when the branch's logits are needed
+    (a pixel step), so a stretch of header tokens costs one forward, as a prefill would."""
+
+    def __init__(self, engine: ReferenceEngine, prompt: list[int]) -> None:
+        self._engine = engine
+        self._pending = list(prompt)
+        self._length = 0  # tokens already in the cache
+        self._cache = None
+        self._last: torch.Tensor | None = None
+
+    def append(self, token: int) -> None:
+        self._pending.append(token)
+
+    def logits(self) -> torch.Tensor:
+        """``(1, vocab)`` float32 logits after everything appended so far."""
+        if self._pending:
+            engine, n = self._engine, len(self._pending)
+            ids = torch.tensor([self._pending], device=engine.device)
+            positions = torch.arange(self._length, self._length + n, device=engine.device)[None]
+            attn = torch.ones((1, self._length + n), dtype=torch.long, device=engine.device)
+            kwargs: dict[str, object] = {engine._cache_arg: self._cache} if self._cache is not None else {}
+            out = engine.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, **kwargs)
+            self._cache = getattr(out, engine._cache_arg)
+            self._last = out.logits[:, -1, :].float()
+            self._length += n
+            self._pending = []
+        assert self._last is not None
+        return self._last.clone()
 
