@@ -11,13 +11,14 @@ import os
 import signal
 import threading
 import time
+from typing import Callable
 
 import httpx
 import psutil
 import pytest
 from httpx_sse import connect_sse
 
-from tests.serverproc import running_server
+from tests.serverproc import metric, running_server, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +44,13 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def _wait_for(condition: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not true within {within} s"
+        time.sleep(0.05)
+
+
 def test_killing_the_engine_core_fails_in_flight_work_cleanly_and_the_process_exits_non_zero(tmp_path):
     with running_server(["--demo", "--max-concurrent", "2"], tmp_path / "server.log") as server:
         pgid = server.proc.pid
@@ -64,10 +72,14 @@ def test_killing_the_engine_core_fails_in_flight_work_cleanly_and_the_process_ex
                 r = http.post("/v1/t2i", json={"prompt": "a tall tower", "size": "256x256", "seed": 2})
                 plain.update(status=r.status_code, body=r.json(), at=time.monotonic())
 
+            # the stream first; the JSON request once the stream draws; the kill once the engine reports both
+            # decoding (each needs hundreds of steps, so neither can finish between the scrape and the kill)
             threads = [threading.Thread(target=stream), threading.Thread(target=json_request)]
-            for t in threads:
-                t.start()
+            threads[0].start()
             assert drawing.wait(120), "the stream never started drawing"
+            threads[1].start()
+            _wait_for(lambda: metric(scrape(http), "emu35_running_pairs") == 2 and not plain, within=60)
+            assert not plain and events[-1][0] == "image_progress", (plain, events[-3:])
             (core,) = [p for p in _engine_processes(server.proc.pid) if "EngineCore" in " ".join(p.cmdline())]
             killed_at = time.monotonic()
             core.kill()
