@@ -32,7 +32,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from service.engine.policy.admission import Budget, Candidate, blocks_for, decide
 from service.engine.policy.pairing import ADMITTED_BY, ADMITTED_KEY, COND, SOLO, UNCOND, RowSpec, is_emu35_request
-from service.engine.policy.spans import PIXELS, TEXT, ModeIds, next_mode
+from service.engine.policy.spans import PIXELS, TEXT, next_mode
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +179,8 @@ class Emu35Scheduler(Scheduler):
             return False
         seen, mode = self._cond_modes.get(request.request_id, (0, TEXT))
         out = request.output_token_ids
-        ids = ModeIds(*spec.switch_ids)
         for t in out[seen:]:
-            mode = next_mode(mode, int(t), ids)
+            mode = next_mode(mode, int(t), spec.switch_ids)
         self._cond_modes[request.request_id] = (len(out), mode)
         return mode == PIXELS
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from service.engine.policy.spans import SpanTokens, image_body_tokens
-from service.types import GenerationRequest, SamplingSettings
+from service.engine.policy.spans import ModeIds, SpanTokens, image_body_tokens
+from service.types import UNCOND_MODES, GenerationRequest, SamplingSettings
 
 EXTRA_KEY = "emu35"
 UNCOND_SUFFIX = "#uncond"
@@ -64,7 +64,7 @@ class RowSpec:
     #: scheduler keeps reserved while none runs, so an image can always start
     uncond_reserve: int = 0
     #: a reference-mode cond row: (BOI, IMG, EOI), so the scheduler can follow the row into an image
-    switch_ids: tuple[int, int, int] | None = None
+    switch_ids: ModeIds | None = None
 
     @property
     def image_only(self) -> bool:
@@ -96,7 +96,7 @@ class RowSpec:
         target = d.get("target")
         switch = d.get("switch")
         mode = str(d.get("uncond", "lockstep"))
-        if mode not in ("lockstep", "reference"):
+        if mode not in UNCOND_MODES:
             raise ValueError(f"unknown uncond mode {mode!r}")
         return cls(
             pair_id=str(d["pair"]),
@@ -108,7 +108,7 @@ class RowSpec:
             seed=None if d.get("seed") is None else int(d["seed"]),
             uncond_mode=mode,
             uncond_reserve=int(d.get("reserve", 0)),
-            switch_ids=(int(switch[0]), int(switch[1]), int(switch[2])) if switch else None,
+            switch_ids=ModeIds(int(switch[0]), int(switch[1]), int(switch[2])) if switch else None,
         )
 
 
@@ -116,17 +116,21 @@ def row_specs(req: GenerationRequest, ids: SpanTokens) -> list[tuple[str, list[i
     """The vLLM requests a generation starts with: ``(request_id, prompt_ids, spec)`` for cond (and
     uncond in lockstep mode; in reference mode each image's uncond request comes from
     :func:`image_uncond`)."""
-    role = COND if req.guided else SOLO
-    base = RowSpec(req.request_id, role, req.cfg_scale, req.text_sampling, req.image_sampling,
-                   req.target_grid, req.seed)
+    base = _row_spec(req, COND if req.guided else SOLO)
     if req.image_only_uncond:
         reserve = len(req.uncond_prompt or []) + req.max_new_tokens
-        base = replace(base, uncond_mode="reference", uncond_reserve=reserve, switch_ids=(ids.boi, ids.img, ids.eoi))
+        base = replace(base, uncond_reserve=reserve, switch_ids=ModeIds(ids.boi, ids.img, ids.eoi))
     rows = [(req.request_id, list(req.cond_prompt), base)]
     if req.guided and not req.image_only_uncond:
-        uncond = replace(base, role=UNCOND, seed=None)
-        rows.append((req.request_id + UNCOND_SUFFIX, list(req.uncond_prompt or []), uncond))
+        rows.append((req.request_id + UNCOND_SUFFIX, list(req.uncond_prompt or []), _row_spec(req, UNCOND)))
     return rows
+
+
+def _row_spec(req: GenerationRequest, role: str) -> RowSpec:
+    """A row of ``req`` in ``role``. An uncond row has no seed (it never samples: it takes the cond's
+    token); an unguided request has no uncond branch, so its mode stays the default."""
+    return RowSpec(req.request_id, role, req.cfg_scale, req.text_sampling, req.image_sampling, req.target_grid,
+                   None if role == UNCOND else req.seed, uncond_mode=req.uncond_mode if req.guided else "lockstep")
 
 
 @dataclass(frozen=True)
@@ -146,8 +150,6 @@ def image_uncond(req: GenerationRequest, number: int, spans: list[int], grid: tu
     ``grid`` image. Its prompt is the uncond prompt plus every image span so far (this header included),
     so prefix caching reuses the earlier images' blocks; it runs until the image's EOI (or the cond
     row's token limit) and always receives the cond row's token."""
-    spec = RowSpec(req.request_id, UNCOND, req.cfg_scale, req.text_sampling, req.image_sampling,
-                   req.target_grid, None, uncond_mode="reference")
     max_tokens = min(image_body_tokens(grid), req.max_new_tokens - generated)
     return ImageUncond(f"{req.request_id}{UNCOND_SUFFIX}{number}", list(req.uncond_prompt or []) + list(spans),
-                       spec, max_tokens)
+                       _row_spec(req, UNCOND), max_tokens)
