@@ -30,8 +30,8 @@ import uvicorn  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from service.server.app import create_app  # noqa: E402
-from service.server.runtime import Runtime  # noqa: E402
-from service.server.settings import Settings  # noqa: E402
+from service.server.core.runtime import Runtime  # noqa: E402
+from service.server.core.settings import Settings  # noqa: E402
 from service.tiny.make import ensure_tiny  # noqa: E402
 from service.token_layout import image_ids  # noqa: E402
 from service.types import (  # noqa: E402
@@ -138,7 +138,7 @@ def main() -> int:
 
         image = Image.open(io.BytesIO(base64.b64decode(out["images"][0]["b64_json"]))).convert("RGB")
         from service.record import RecordImage, build_story
-        from service.server.image_io import encode_image
+        from service.server.core.image_io import encode_image
 
         t = time.perf_counter()
         encode_image(image, "png")

@@ -34,11 +34,32 @@ def imports_of(path: Path, *, runtime_only: bool) -> set[str]:
     return {m for m in found if m == "service" or m.startswith("service.")}
 
 
-@pytest.mark.parametrize("path", sorted((SERVICE / "server").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((SERVICE / "server").rglob("*.py")), ids=lambda p: str(p.relative_to(SERVICE / "server")))
 def test_http_layer_imports_only_the_task_package_and_shared_types(path):
     bad = {m for m in imports_of(path, runtime_only=False)
            if m != "service" and not m.startswith(HTTP_MAY_IMPORT)}
     assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+#: The HTTP layer's API families (service/server/<family>/); app.py and run.py assemble them.
+HTTP_FAMILIES = sorted(p.name for p in (SERVICE / "server").iterdir() if p.is_dir() and (p / "__init__.py").exists()
+                       and p.name != "core")
+
+
+def test_the_http_layer_has_a_shared_core_and_one_folder_per_api_family():
+    assert {"emu35", "openai", "ops"} <= set(HTTP_FAMILIES)
+    flat = sorted(p.name for p in (SERVICE / "server").glob("*.py"))
+    assert flat == ["__init__.py", "app.py", "run.py"], flat
+
+
+@pytest.mark.parametrize("family", ["core", *HTTP_FAMILIES])
+def test_an_api_family_imports_only_the_core_and_itself(family):
+    """The core knows no family; a family knows the core and nothing of its neighbours."""
+    allowed = ("service.server.core",) if family == "core" else ("service.server.core", f"service.server.{family}")
+    for path in sorted((SERVICE / "server" / family).rglob("*.py")):
+        bad = {m for m in imports_of(path, runtime_only=False)
+               if m.startswith("service.server") and m != "service.server" and not m.startswith(allowed)}
+        assert not bad, f"{path.relative_to(SERVICE)} imports {sorted(bad)}"
 
 
 @pytest.mark.parametrize("package", ["engine", "vq", "record", "task"])

@@ -16,11 +16,11 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.server.errors import APIError
-from service.server.image_io import image_bytes_from_text, open_image
-from service.server.limiter import AdmissionLimiter, Overloaded
-from service.server.records import RecordStore, valid_record_id
-from service.server.settings import DEMO_IMAGE_AREA, Settings, load_settings
+from service.server.core.errors import APIError
+from service.server.core.image_io import image_bytes_from_text, open_image
+from service.server.core.limiter import AdmissionLimiter, Overloaded
+from service.server.core.records import RecordStore, valid_record_id
+from service.server.core.settings import DEMO_IMAGE_AREA, Settings, load_settings
 
 
 def png(w=32, h=24, fmt="PNG") -> bytes:
@@ -379,7 +379,7 @@ def test_each_generated_image_is_png_encoded_once_per_request(runner, monkeypatc
     from PIL import Image as PILImage
 
     from service.prompts import Task
-    from service.server.render import done_event, generation_body, sse_message
+    from service.server.emu35.render import done_event, generation_body, sse_message
     from service.task import Finished, GenerationInput, GenerationOptions, SamplingSettings
 
     greedy = SamplingSettings(1, 1.0, 1.0)
@@ -439,8 +439,8 @@ def test_preview_schedule_names_the_preview_rows(schedule, total, rows):
 
 def test_openai_size_rule():
     from service.prompts import Task
-    from service.server.errors import APIError
-    from service.server.openai_images import quality_preset, size_spec
+    from service.server.core.errors import APIError
+    from service.server.openai.mapping import quality_preset, size_spec
 
     assert size_spec(None, Task.T2I) is None and size_spec("auto", Task.T2I) is None
     assert size_spec("auto", Task.X2I) == "match_reference"
@@ -473,7 +473,7 @@ def test_openai_sizes_are_fitted_to_the_area_by_the_planner(tiny_tokenizer):
 
 
 def test_merged_streams_interleave_and_close_every_source():
-    from service.server.streams import merge_streams
+    from service.server.core.streams import merge_streams
 
     closed: list[int] = []
 
@@ -520,8 +520,8 @@ def test_openai_stream_renderer_sends_partials_on_a_blank_canvas_and_completed_w
     from PIL import Image
 
     from service.prompts import Task
-    from service.server.openai_images import OpenAIOutput
-    from service.server.render import OpenAIStreamRenderer, openai_error_event
+    from service.server.openai.mapping import OpenAIOutput
+    from service.server.openai.render import OpenAIStreamRenderer, openai_error_event
     from service.task import Finished, ImageProgress, ImageStart, Outcome, Usage
 
     final = Image.new("RGB", (128, 128), (10, 200, 30))
@@ -552,7 +552,7 @@ def test_a_full_service_answers_429_before_decoding_any_upload():
     costs a second of CPU and half a gigabyte to decode)."""
     from types import SimpleNamespace
 
-    from service.server.serving_generation import ServingGeneration
+    from service.server.emu35.serving import ServingGeneration
 
     limiter = AdmissionLimiter(slots=1, queue=0)
 
@@ -630,7 +630,7 @@ def test_ready_tells_why_it_failed_only_to_the_key_holder(api_key, headers, show
     import httpx
 
     from service.server.app import create_app
-    from service.server.runtime import Runtime
+    from service.server.core.runtime import Runtime
 
     settings = Settings(demo=True, api_key=api_key)
     runtime = Runtime(settings)

@@ -18,15 +18,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.limits import BODY_BYTES_PER_EXTRA_SECOND, MAX_TEXT_BODY_BYTES
-from service.server.docs import router as docs
-from service.server.errors import APIError, install_handlers, send_closing_error
-from service.server.openapi import install as install_openapi
-from service.server.playground import router as playground
-from service.server.routes import api, system
-from service.server.runtime import Runtime
-from service.server.serving_generation import ServingGeneration
-from service.server.serving_openai import ServingOpenAIImages
-from service.server.settings import Settings
+from service.server.core.errors import APIError, install_handlers, send_closing_error
+from service.server.core.openapi import install as install_openapi
+from service.server.core.runtime import Runtime
+from service.server.core.settings import Settings
+from service.server.emu35.routes import router as emu35_routes
+from service.server.emu35.serving import ServingGeneration
+from service.server.openai.routes import router as openai_routes
+from service.server.openai.serving import ServingOpenAIImages
+from service.server.ops.docs import router as docs
+from service.server.ops.playground import router as playground
+from service.server.ops.routes import router as operations
+from service.server.ops.routes import v1 as operations_v1
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class BodyGuardMiddleware:
     Time: the body must be in within ``timeout`` seconds of the request's start plus one second per
     ``BODY_BYTES_PER_EXTRA_SECOND`` received, else 408: a client sending a byte at a time would otherwise
     hold its connection, and its share of the connection cap, for ever, while a large upload over a slow
-    but steady link still gets through (the headers are timed by ``service.server.connections``).
+    but steady link still gets through (the headers are timed by ``service.server.core.connections``).
 
     Either way the app sees a client that went away, the answer is the guard's, and the connection is
     closed (the rest of the body is never read)."""
@@ -191,7 +194,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
                     "than --max-connections open) or 408 `request_timeout` (headers not in within "
                     "--header-timeout); both close the connection.",
         lifespan=lifespan,
-        docs_url=None,  # served by service.server.docs from packaged assets, not a CDN
+        docs_url=None,  # served by service.server.ops.docs from packaged assets, not a CDN
         redoc_url=None,
     )
     app.state.runtime = runtime
@@ -199,10 +202,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.serving_openai = ServingOpenAIImages(runtime)
     install_handlers(app)
     install_openapi(app, auth=settings.api_key is not None)
-    app.include_router(system)
-    app.include_router(api)
-    app.include_router(playground)
-    app.include_router(docs)
+    for router in (operations, operations_v1, emu35_routes, openai_routes, playground, docs):
+        app.include_router(router)
     app.add_middleware(BodyGuardMiddleware, image_limit=max_body_bytes(settings), timeout=settings.body_timeout)
     app.add_middleware(RequestMetricsMiddleware, runtime=runtime)
     return app

@@ -17,9 +17,9 @@ from typing import Callable
 import uvicorn
 from pydantic import ValidationError
 
-from service.server.connections import guarded_h11
-from service.server.runtime import Runtime
-from service.server.settings import Settings, load_settings
+from service.server.core.connections import guarded_h11
+from service.server.core.runtime import Runtime
+from service.server.core.settings import Settings, load_settings
 from service.task import CheckpointError, check_model
 
 logger = logging.getLogger("service.server")

@@ -22,13 +22,12 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from service.prompts import Task
-from service.server.errors import APIError, bad_request
-from service.server.image_io import image_bytes_from_text, open_image
-from service.server.limiter import Overloaded, Slot
-from service.server.protocol import SamplingOverrides
-from service.server.render import error_event
-from service.server.runtime import Runtime
-from service.server.streams import merge_streams
+from service.server.core.errors import APIError, bad_request
+from service.server.core.image_io import image_bytes_from_text, open_image
+from service.server.core.limiter import Overloaded, Slot
+from service.server.core.protocol import SamplingOverrides
+from service.server.core.runtime import Runtime
+from service.server.core.streams import merge_streams
 from service.task import (
     EngineUnavailableError,
     Finished,
@@ -191,8 +190,8 @@ class ServingBase:
         raise NotImplementedError
 
     def error_event(self, job: Job, message: str, code: str) -> dict[str, str]:
-        """A failure after the stream started, as an SSE message (the Emu3.5 shape by default)."""
-        return error_event(message, code)
+        """A failure after the stream started, as an SSE message in the family's own shape."""
+        raise NotImplementedError
 
     # ---- steps -------------------------------------------------------------------------------------
     def _runner(self) -> GenerationRunner:

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal
 
-from service.server.limiter import AdmissionLimiter
-from service.server.metrics import Metrics
-from service.server.records import RecordStore
-from service.server.settings import Settings
+from service.server.core.limiter import AdmissionLimiter
+from service.server.core.metrics import Metrics
+from service.server.core.records import RecordStore
+from service.server.core.settings import Settings
 from service.task import AsyncEngine, GenerationRunner, build_engine, load_tokenizer, start_vq_worker
 
 if TYPE_CHECKING:  # built by the task layer; only their types are named here

@@ -1,7 +1,7 @@
 """The OpenAPI document, made to say what the service really answers.
 
 FastAPI writes a 422 for every route that validates input, but the service answers validation errors
-with 400 (``service.server.errors``); it marks every route that reads bearer credentials as secured,
+with 400 (``service.server.core.errors``); it marks every route that reads bearer credentials as secured,
 whether or not the service has a key; and it knows nothing of what the middleware answers (413, 408)
 or adds (``X-Request-Id``). Routes declare their own errors with :func:`error_responses`; everything
 that holds for every route is written once here, by :func:`truthful` over FastAPI's document:
@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from service.server.protocol import ErrorResponse
+from service.server.core.protocol import ErrorResponse
 
 _ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 

@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from service.prompts import Task
-from service.server.protocol import GenerationParams
-from service.server.render import done_event, generation_body, sse_message
-from service.server.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
+from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
+from service.server.emu35.protocol import GenerationParams
+from service.server.emu35.render import done_event, error_event, generation_body, sse_message
 from service.task import Finished, GenerationInput, GenerationOptions, Outcome, PreviewSchedule
 
 
@@ -45,6 +45,9 @@ class ServingGeneration(ServingBase):
         (out,) = outcomes
         body = await asyncio.to_thread(generation_body, out, self.rt.settings.served_model_name, now())
         return JSONResponse(body, headers={"X-Request-Id": out.request_id})
+
+    def error_event(self, job: Job, message: str, code: str) -> dict[str, str]:
+        return error_event(message, code)
 
     def stream(self, job: Job, admitted: list[Admitted], events: AsyncIterator[dict[str, str]]) -> Response:
         (one,) = admitted

@@ -21,7 +21,7 @@ from typing import Literal, Mapping
 
 from service.limits import MAX_SIZE_ASPECT
 from service.prompts import Task, is_pixel_size, parse_size
-from service.server.errors import bad_request
+from service.server.core.errors import bad_request
 
 #: quality asked → (quality reported, fraction of the image area).
 QUALITY_PRESETS: Mapping[str, tuple[str, float]] = MappingProxyType({

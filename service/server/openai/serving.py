@@ -3,7 +3,7 @@ so the official ``openai`` client works unchanged, streaming included.
 
 ``n`` images are ``n`` guided generations run side by side (seeds ``seed``, ``seed+1``, … when a seed
 is given), each taking an admission slot, as JSON or as one merged stream. What each OpenAI field maps
-to is decided in :mod:`service.server.openai_images`. Unknown fields are accepted and logged.
+to is decided in :mod:`service.server.openai.mapping`. Unknown fields are accepted and logged.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from service.prompts import Task
-from service.server.errors import APIError, bad_request
-from service.server.openai_images import DEFAULT_COMPRESSION, OpenAIOutput, quality_preset, size_spec
-from service.server.protocol import OpenAIImageParams
-from service.server.render import OpenAIStreamRenderer, openai_error_event, openai_images_body
-from service.server.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
+from service.server.core.errors import APIError, bad_request
+from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
+from service.server.openai.mapping import DEFAULT_COMPRESSION, OpenAIOutput, quality_preset, size_spec
+from service.server.openai.protocol import OpenAIImageParams
+from service.server.openai.render import OpenAIStreamRenderer, openai_error_event, openai_images_body
 from service.task import GenerationInput, GenerationOptions, Outcome, PreviewSchedule
 
 logger = logging.getLogger(__name__)

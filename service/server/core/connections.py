@@ -30,7 +30,7 @@ import h11
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.server.errors import APIError, closing_answer, send_closing_error
+from service.server.core.errors import APIError, closing_answer, send_closing_error
 
 logger = logging.getLogger(__name__)
 

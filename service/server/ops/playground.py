@@ -1,6 +1,6 @@
 """The playground: one self-contained page (HTML/CSS/JS from the package, no CDN) at ``GET /``.
 
-The page and its two assets are static files shipped in ``service/server/static``; nothing is built
+The page and its two assets are static files shipped in ``service/server/ops/static``; nothing is built
 or fetched from elsewhere, so it works on a cluster without internet. The page needs no API key (it
 asks for one and sends it with every API call); the Content-Security-Policy keeps it self-contained:
 scripts, styles and connections only from this origin, images also from ``data:`` / ``blob:`` URLs
@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from service.server.errors import APIError
+from service.server.core.errors import APIError
 
 STATIC = Path(__file__).parent / "static"
 

@@ -11,8 +11,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from service.server.errors import APIError, bad_request
-from service.server.runtime import Runtime
+from service.server.core.errors import APIError, bad_request
+from service.server.core.runtime import Runtime
 
 _bearer = HTTPBearer(auto_error=False, description="the service's API key (--api-key), when one is set")
 

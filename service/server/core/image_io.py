@@ -15,7 +15,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from service.server.errors import APIError, bad_request
+from service.server.core.errors import APIError, bad_request
 
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF"})
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
-from service.server.errors import APIError
+from service.server.core.errors import APIError
 
 #: Where the pages' assets are served.
 ASSET_PREFIX = "/docs/assets"

@@ -1,0 +1,77 @@
+"""The API's shared models: prompts, sampling overrides, the error shape, the service's status and the model
+list. Each API family's own request and response models live in its folder (``emu35/protocol.py``,
+``openai/protocol.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from service.limits import MAX_PROMPT_CHARS, MAX_TEMPERATURE
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("prompt must not be empty")
+    return v
+
+
+#: A user prompt: non-blank text of bounded length (the document says minLength 1; a pattern saying "not
+#: only spaces" would cost schema tools seconds over a 100,000-character limit).
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS, json_schema_extra={"minLength": 1}),
+                   AfterValidator(_not_blank)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+#: A 16×16 px PNG (base64) for the documented examples: Swagger UI's "Try it out" sends them as they are.
+EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mPUiDrBQApgYiARjGoY1TB0NAAAI7gBavYfh54AAAAA"
+               "SUVORK5CYII=")
+
+
+def _examples(*examples: dict) -> ConfigDict:
+    """A request model's documented examples (its JSON schema's ``examples``)."""
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
+
+class SamplingOverrides(_Strict):
+    """Sampling of one kind of token; a missing field keeps the task's default."""
+
+    top_k: int | None = Field(None, ge=1, strict=True, description="keep the k most likely tokens")
+    top_p: float | None = Field(None, gt=0, le=1, strict=True, description="nucleus mass")
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, strict=True, description="0 = greedy")
+
+
+class ServiceStatus(BaseModel):
+    """``/health`` and ``/ready``: the service's state, and why it is not ready when that is known."""
+
+    status: Literal["ok", "ready", "loading", "failed", "draining", "stopped", "dead"]
+    error: str | None = Field(None, description="why the start failed or the engine died; only to a caller "
+                                                "with the API key when one is set (it may name files)")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "emu35-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
