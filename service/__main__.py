@@ -34,10 +34,12 @@ def _demo_settings(settings):
     import logging
     import time
 
-    from service.tiny.make import ensure_tiny
+    from service.tiny.make import ensure_tiny, ensure_tiny_flashar
 
     started = time.monotonic()
     tiny = ensure_tiny()
+    if settings.flashar:
+        ensure_tiny_flashar(tiny)
     logging.getLogger("service.server").info("demo: tiny checkpoints in %s (%.1f s)", tiny, time.monotonic() - started)
     return settings.with_demo_defaults(tiny)
 

@@ -84,6 +84,8 @@ class Outcome:
     time_to_first_token: float | None
     seconds: float
     image_seconds: list[float] = field(default_factory=list)
+    #: forward passes whose logits chose this answer's tokens (AR: one per token; FlashAR: H+W−1 per image)
+    decode_steps: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncGenerator, AsyncIterator, Protocol, Sequence
 
 import numpy as np
@@ -59,7 +59,10 @@ from service.token_layout import (
     TextSegment,
 )
 from service.tokenizer import Emu35Tokenizer
-from service.types import GenerationRequest
+from service.types import GenerationRequest, ModelKind
+
+#: The size a FlashAR checkpoint draws when the client names none: its trained grid, 32×32 tokens.
+FLASHAR_DEFAULT_SIZE = "512x512"
 
 #: zlib level of the one PNG each generated image gets: the images are the product, and a response
 #: waits for the encoder, so speed wins over a few per cent of size.
@@ -145,20 +148,35 @@ class _Run:
     preview_rows: dict[int, tuple[int, ...]] = field(default_factory=dict)
     ttft: float | None = None
     reason: str = "abort"
+    decode_steps: int = 0
 
 
 class GenerationRunner:
     """Runs generations on one engine and one VQ worker."""
 
     def __init__(self, engine: AsyncEngine, vq: ImageCodecAsync, tokenizer: Emu35Tokenizer,
-                 image_area: int | None = None) -> None:
+                 image_area: int | None = None, kind: ModelKind = "emu3.5") -> None:
         self.engine = engine
         self.vq = vq
         self.tok = tokenizer
         self.image_area = image_area  # a service-wide override of every task's default image area
+        self.kind = kind  # a FlashAR checkpoint draws T2I only, by default at its trained grid
+
+    def _flashar_input(self, gen: GenerationInput) -> GenerationInput:
+        """What a FlashAR checkpoint can do, checked before any work: text to one image, no reference
+        images; the default size is the trained 32×32 grid."""
+        if gen.task is not Task.T2I or gen.images:
+            what = "reference images" if gen.images else f"the {gen.task.value} task"
+            raise PlanError(f"this service runs a FlashAR checkpoint, which draws text-to-image only: {what} "
+                            f"cannot be served", "images" if gen.images else "task")
+        if gen.options.size is None:
+            return replace(gen, options=replace(gen.options, size=FLASHAR_DEFAULT_SIZE, fit_size_to_area=False))
+        return gen
 
     async def prepare(self, gen: GenerationInput, request_id: str) -> Prepared:
         """Plan, encode the reference images and check the engine can run it; raise :class:`PlanError`."""
+        if self.kind == "flashar":
+            gen = self._flashar_input(gen)
         check_reference_count(len(gen.images))
         plan = resolve(gen.task, gen.options, self.image_area)
         check_reference_tokens([im.size for im in gen.images], plan, self.vq.downsample, self.engine.max_model_len)
@@ -184,6 +202,7 @@ class GenerationRunner:
                 if delta.token_ids and run.ttft is None:
                     run.ttft = time.perf_counter() - run.started
                 run.ids += delta.token_ids
+                run.decode_steps += delta.steps
                 events = parser.feed(delta.token_ids) if delta.token_ids else []
                 if delta.finished:
                     run.reason = delta.finish_reason or "abort"
@@ -254,4 +273,4 @@ class GenerationRunner:
                                         req.request_id)
         return Outcome(req.request_id, gen.task, answer.images, answer.pngs, answer.parts, "".join(answer.text),
                        story.SerializeToString(), usage, run.reason, run.ttft, time.perf_counter() - run.started,
-                       run.image_seconds)
+                       run.image_seconds, run.decode_steps)

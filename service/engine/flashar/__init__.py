@@ -6,6 +6,11 @@ knows the diagonals and Emu3.5's token layout; ``fusion`` mixes the two heads; `
 requests at different diagonals into one forward; ``async_engine`` puts it behind the engine API.
 """
 
-from service.engine.flashar.checkpoint import FlashARConfig, is_flashar_checkpoint, load_flashar_weights
+from service.engine.flashar.checkpoint import (
+    FlashARConfig,
+    check_flashar_checkpoint,
+    is_flashar_checkpoint,
+    load_flashar_weights,
+)
 
-__all__ = ["FlashARConfig", "is_flashar_checkpoint", "load_flashar_weights"]
+__all__ = ["FlashARConfig", "check_flashar_checkpoint", "is_flashar_checkpoint", "load_flashar_weights"]

@@ -129,17 +129,18 @@ def _checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def load_flashar_weights(path: str | Path, config: FlashARConfig | None = None,
-                         dtype: torch.dtype = torch.float32) -> tuple[FlashARConfig, dict[str, torch.Tensor]]:
-    """Every tensor of the checkpoint at ``path`` (on the CPU, in ``dtype``), checked strictly against its
-    config: the vertical block's depth from the tensor names equals ``vertical_layers``, no tensor is
-    missing, extra (legacy fuse keys aside) or misshapen. Raises :class:`CheckpointError` naming it."""
+def check_flashar_checkpoint(path: str | Path, config: FlashARConfig | None = None
+                             ) -> tuple[FlashARConfig, dict[str, Path]]:
+    """Check the checkpoint at ``path`` strictly without reading its weights (names and shapes come from
+    the safetensors headers): the vertical block's depth from the tensor names equals
+    ``vertical_layers``; no tensor is missing, extra (legacy fuse keys aside) or misshapen. Returns the
+    config and the file of each tensor; raises :class:`CheckpointError` naming the first bad tensor."""
     from safetensors import safe_open
 
     path = Path(path)
     config = config or FlashARConfig.from_dir(path)
     expected = config.expected_shapes()
-    weights: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
     found_k = 0
     for file in _checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
@@ -152,16 +153,31 @@ def load_flashar_weights(path: str | Path, config: FlashARConfig | None = None,
                 m = _VERTICAL_RE.match(name)
                 if m:
                     found_k = max(found_k, int(m.group(1)) + 1)
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != expected[name]:
-                    raise CheckpointError(f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise CheckpointError(f"{file.name}: tensor {name!r} has shape {shape}, "
                                           f"the config implies {expected[name]}")
-                weights[name] = tensor.to(dtype)
+                where[name] = file
     if found_k != config.vertical_layers:
         raise CheckpointError(f"{path}: the tensors hold {found_k} vertical layers, config.json says "
                               f"vertical_layers={config.vertical_layers}")
-    missing = sorted(set(expected) - set(weights))
+    missing = sorted(set(expected) - set(where))
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more"
                                                                          if len(missing) > 1 else ""))
+    return config, where
+
+
+def load_flashar_weights(path: str | Path, config: FlashARConfig | None = None,
+                         dtype: torch.dtype = torch.float32) -> tuple[FlashARConfig, dict[str, torch.Tensor]]:
+    """Every tensor of the checkpoint (on the CPU, in ``dtype``) after :func:`check_flashar_checkpoint`."""
+    from safetensors import safe_open
+
+    config, where = check_flashar_checkpoint(path, config)
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(set(where.values())):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name in where:
+                    weights[name] = f.get_tensor(name).to(dtype)
     return config, weights

@@ -134,6 +134,9 @@ class UsageData(BaseModel):
 class Timings(BaseModel):
     seconds: float
     time_to_first_token: float | None = Field(None, description="absent when nothing was generated")
+    decode_steps: int = Field(0, description="forward passes whose logits chose this answer's tokens (the prefill "
+                                             "counted when it chose the first): one per token on the "
+                                             "autoregressive engines, H+W−1 per H×W image on FlashAR")
 
 
 class GenerationResponse(BaseModel):

@@ -38,7 +38,8 @@ def _usage(out: Outcome) -> UsageData:
 
 
 def _timings(out: Outcome) -> Timings:
-    return Timings(seconds=round(out.seconds, 4), time_to_first_token=out.time_to_first_token)
+    return Timings(seconds=round(out.seconds, 4), time_to_first_token=out.time_to_first_token,
+                   decode_steps=out.decode_steps)
 
 
 def generation_body(out: Outcome, model: str, created: int) -> dict[str, Any]:
