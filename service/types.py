@@ -110,6 +110,11 @@ class TokenDelta:
     finish_reason: str | None = None
     step_seconds: float = 0.0
     decode_steps: int | None = None
+    #: an engine that draws an image out of order (FlashAR, by anti-diagonal): the cells drawn in this
+    #: step as ``(r·W + c, token id)``, and ``(diagonals done, diagonals in all)``; the tokens above still
+    #: come in Emu3.5's order, as rows complete
+    cells: tuple[tuple[int, int], ...] = ()
+    diagonals: tuple[int, int] | None = None
 
     @property
     def steps(self) -> int:

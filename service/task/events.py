@@ -39,6 +39,8 @@ class ImageProgress(RunEvent):
     rows: int
     total_rows: int
     preview: Image.Image | None = None
+    diagonals: int | None = None  # FlashAR: anti-diagonals drawn (the image fills in from its top-left corner)
+    total_diagonals: int | None = None
 
 
 @dataclass(frozen=True)

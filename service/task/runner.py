@@ -149,6 +149,7 @@ class _Run:
     ttft: float | None = None
     reason: str = "abort"
     decode_steps: int = 0
+    canvas: np.ndarray | None = None  # FlashAR: the ids drawn so far of the current image (−1: not yet)
 
 
 class GenerationRunner:
@@ -208,8 +209,16 @@ class GenerationRunner:
                     run.reason = delta.finish_reason or "abort"
                     if not parser.ended:
                         events += parser.finish()
+                # a diagonal's progress goes after its image's start and before its finished image
+                late = delta.diagonals is not None and not run.grids
+                if delta.diagonals is not None and not late:
+                    async for out in self._diagonal_progress(run, delta.cells, delta.diagonals):
+                        yield out
                 for ev in events:
                     async for out in self._on_parsed(run, ev):
+                        yield out
+                if late:
+                    async for out in self._diagonal_progress(run, delta.cells, delta.diagonals):
                         yield out
                 if delta.finished:
                     break
@@ -231,6 +240,8 @@ class GenerationRunner:
             run.preview_rows[ev.index] = run.previews.rows(ev.height) if run.previews else ()
             yield ImageStart(ev.index, ev.width * f, ev.height * f)
         elif isinstance(ev, ImageRows):
+            if self.kind == "flashar":  # progress comes per diagonal (see _diagonal_progress)
+                return
             async for progress in self._progress(run, ev):
                 yield progress
         elif isinstance(ev, ImageDone):
@@ -261,6 +272,31 @@ class GenerationRunner:
         if not due or due[-1] != ev.rows_done:
             yield ImageProgress(ev.index, ev.rows_done, total, None)
 
+    async def _diagonal_progress(self, run: _Run, cells: tuple[tuple[int, int], ...],
+                                 diagonals: tuple[int, int] | None) -> AsyncIterator[ImageProgress]:
+        """FlashAR's progress, one event per diagonal drawn: the image fills in from its top-left corner.
+        A preview (at the diagonals the schedule names) decodes the grid with the cells not drawn yet
+        set to code 0, then greys them out, so it shows exactly what is drawn."""
+        if not run.grids or diagonals is None:
+            return
+        index = max(run.grids)
+        height, width = run.grids[index]
+        if run.canvas is None or run.canvas.shape != (height, width):
+            run.canvas = np.full((height, width), -1, dtype=np.int64)
+        flat = run.canvas.reshape(-1)
+        for q, token in cells:
+            flat[q] = token - self.tok.ids.first_visual
+        done, total = diagonals
+        if done >= total:  # the finished image follows at once
+            return
+        preview = None
+        if run.previews is not None and done in run.previews.rows(total):
+            drawn = run.canvas >= 0
+            (image,) = await self.vq.decode([np.where(drawn, run.canvas, 0)], preview=True)
+            preview = _grey_out(image, drawn, run.downsample)
+        rows = int(drawn_rows(run.canvas))
+        yield ImageProgress(index, rows, height, preview, done, total)
+
     async def _outcome(self, run: _Run) -> Outcome:
         gen, req = run.prepared.input, run.prepared.request
         first_visual = self.tok.ids.first_visual
@@ -274,3 +310,21 @@ class GenerationRunner:
         return Outcome(req.request_id, gen.task, answer.images, answer.pngs, answer.parts, "".join(answer.text),
                        story.SerializeToString(), usage, run.reason, run.ttft, time.perf_counter() - run.started,
                        run.image_seconds, run.decode_steps)
+
+
+#: Grey of the cells a partial image has not drawn yet (the VQ's zero point, as the OpenAI partials use).
+BLANK = 127
+
+
+def drawn_rows(canvas: np.ndarray) -> int:
+    """Complete rows at the top of ``canvas`` (−1 marks a cell not drawn yet)."""
+    complete = (canvas >= 0).all(axis=1)
+    return int(complete.argmin()) if not complete.all() else canvas.shape[0]
+
+
+def _grey_out(image: Image.Image, drawn: np.ndarray, downsample: int) -> Image.Image:
+    """``image`` with the pixels of undrawn cells set to :data:`BLANK`."""
+    pixels = np.asarray(image.convert("RGB")).copy()
+    mask = np.repeat(np.repeat(~drawn, downsample, axis=0), downsample, axis=1)
+    pixels[mask[: pixels.shape[0], : pixels.shape[1]]] = BLANK
+    return Image.fromarray(pixels)

@@ -193,7 +193,8 @@ class AsyncFlashAREngine:
                 self._peak = max(self._peak, sum(self._running.values()))
             for out in outputs:
                 sub, job = active[out.job.request_id]
-                delta = TokenDelta(out.token_ids, "stop" if out.finished else None, decode_steps=1)
+                delta = TokenDelta(out.token_ids, "stop" if out.finished else None, decode_steps=1,
+                                   cells=tuple(out.cells), diagonals=(job.step, job.height + job.width - 1))
                 sub.loop.call_soon_threadsafe(sub.out.put_nowait, delta)
                 if out.finished:
                     del active[sub.req.request_id]

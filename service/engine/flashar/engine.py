@@ -64,6 +64,7 @@ class StepOutput:
     job: Job
     token_ids: list[int]
     finished: bool
+    cells: list[tuple[int, int]]  # (r·W + c, id) drawn in this step
 
 
 class FlashARCore:
@@ -197,14 +198,16 @@ class FlashARCore:
         ids = (chosen + self.cfg.visual_offset).tolist()
         out, at = [], 0
         for job, flat in zip(jobs, cells):
+            drawn = []
             for q in flat:
                 job.grid[q] = ids[at]
+                drawn.append((q, ids[at]))
                 at += 1
             tokens = list(job.header) if job.step == 0 else []
             for r in rows_completed_by(job.step, job.height, job.width):
                 tokens += native_row(job.grid[r * job.width:(r + 1) * job.width], r, job.height, job.eol, job.eoi)
             job.step += 1
-            out.append(StepOutput(job, tokens, job.done))
+            out.append(StepOutput(job, tokens, job.done, drawn))
         return out
 
     def _grow(self, capacity: int) -> None:

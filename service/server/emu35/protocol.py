@@ -173,7 +173,10 @@ class ImageProgressData(BaseModel):
     index: int
     rows: int
     total_rows: int
-    b64_json: str | None = Field(None, description="a PNG of the rows drawn so far, at the preview rows only")
+    b64_json: str | None = Field(None, description="a PNG of the rows drawn so far, at the preview rows only "
+                                                   "(FlashAR: of the diagonals drawn so far, the rest grey)")
+    diagonals: int | None = Field(None, description="FlashAR only: anti-diagonals drawn (an H×W image has H+W−1)")
+    total_diagonals: int | None = None
 
 
 class StreamImageData(ImageData):
