@@ -218,6 +218,7 @@ def test_t2i_json_and_record_file(http):
     (image,) = body["images"]
     assert (image["width"], image["height"]) == (128, 128) and decode_png(image["b64_json"]).size == (128, 128)
     assert body["usage"]["visual_tokens"] == 64
+    assert body["timings"]["decode_steps"] == 77  # one per generated token (header, 8 rows of 8 + EOL/EOI)
     story = _story(body["record"])
     assert story.question == "a blue bird sits on a tree" and story.story_id == body["id"]
     imgs = [m for c in story.clips for s in c.segments for m in s.images]

@@ -303,6 +303,7 @@ def test_runner_streams_a_t2i_image_and_builds_its_record(runner):
     (image,) = [e.image for e in events if isinstance(e, ImageReady)]
     assert image.size == (128, 128) and out.images == [image]
     assert out.finish_reason == "stop" and out.usage.visual_tokens == 64 and out.usage.completion_tokens == 77
+    assert out.decode_steps == 77  # autoregressive: one forward per token, the prefill choosing the first
     story = story_pb2.Story()
     story.ParseFromString(out.record)
     assert story.question == "a cat" and story.story_id == "unit-t2i"

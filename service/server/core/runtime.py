@@ -92,8 +92,8 @@ class Runtime:
             if self.state == "loading":
                 self.state = "ready"
                 self.watchdog = asyncio.create_task(self._watch_engine(), name="emu35-engine-watchdog")
-            logger.info("emu35-serve ready: engine=%s kind=%s model=%s vq_device=%s", s.engine_kind,
-                        self.model_kind, s.model, s.resolved_vq_device)
+            engine = "flashar" if self.model_kind == "flashar" else s.engine_kind
+            logger.info("emu35-serve ready: engine=%s model=%s vq_device=%s", engine, s.model, s.resolved_vq_device)
         except Exception as exc:  # noqa: BLE001 - reported by /ready and the log
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
