@@ -212,14 +212,14 @@ class GenerationRunner:
                 # a diagonal's progress goes after its image's start and before its finished image
                 late = delta.diagonals is not None and not run.grids
                 if delta.diagonals is not None and not late:
-                    async for out in self._diagonal_progress(run, delta.cells, delta.diagonals):
-                        yield out
+                    async for progress in self._diagonal_progress(run, delta.cells, delta.diagonals):
+                        yield progress
                 for ev in events:
                     async for out in self._on_parsed(run, ev):
                         yield out
                 if late:
-                    async for out in self._diagonal_progress(run, delta.cells, delta.diagonals):
-                        yield out
+                    async for progress in self._diagonal_progress(run, delta.cells, delta.diagonals):
+                        yield progress
                 if delta.finished:
                     break
         finally:

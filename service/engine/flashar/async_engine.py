@@ -13,11 +13,14 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncGenerator
+from typing import TYPE_CHECKING, AsyncGenerator
 
 from service.engine.protocol import EngineError, EngineRequestError, check_fits
 from service.tokenizer import Emu35Tokenizer
 from service.types import EngineStats, GenerationRequest, TokenDelta
+
+if TYPE_CHECKING:
+    from service.engine.flashar.engine import FlashARCore, Job
 
 _DONE = object()
 
@@ -48,7 +51,7 @@ class AsyncFlashAREngine:
         self.max_concurrent = max_concurrent
         self._max_model_len_setting = max_model_len
         self._max_model_len = 0
-        self._core = None
+        self._core: FlashARCore | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._aborted: set[str] = set()
         self._known: set[str] = set()
@@ -157,8 +160,8 @@ class AsyncFlashAREngine:
 
         core, tok = self._core, self.tokenizer
         assert core is not None
-        waiting: list[tuple[_Submission, object]] = []
-        active: dict[str, tuple[_Submission, object]] = {}
+        waiting: list[tuple[_Submission, Job]] = []
+        active: dict[str, tuple[_Submission, Job]] = {}
         while not self._stop.is_set():
             try:  # block only when there is nothing to run
                 item = self._inbox.get(timeout=None if not (waiting or active) else 0)

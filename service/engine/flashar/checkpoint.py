@@ -79,7 +79,7 @@ class FlashARConfig:
         missing = [k for k in need if k not in base]
         if missing:
             raise CheckpointError(f"{where}: backbone_config lacks {missing}")
-        hidden = int(raw.get("hidden_size", base.get("hidden_size", 0)))
+        hidden = int(raw.get("hidden_size") or base.get("hidden_size") or 0)
         heads = int(base["num_attention_heads"])
         layers = int(base["num_hidden_layers"])
         k = int(raw.get("vertical_layers", 0))
@@ -91,7 +91,7 @@ class FlashARConfig:
                                                   "boi_token_id", "eoi_token_id", "eol_token_id") if name in base}
         offset = int(raw.get("visual_token_offset", ids.get("eoi_token_id", -2) + 1))
         return cls(
-            vocab_size=int(raw.get("vocab_size", base.get("vocab_size", 0))), hidden_size=hidden,
+            vocab_size=int(raw.get("vocab_size") or base.get("vocab_size") or 0), hidden_size=hidden,
             intermediate_size=int(base["intermediate_size"]), num_layers=layers, num_heads=heads,
             num_kv_heads=int(base["num_key_value_heads"]),
             head_dim=int(base.get("head_dim") or hidden // heads), rms_norm_eps=float(base.get("rms_norm_eps", 1e-6)),

@@ -168,7 +168,9 @@ class FlashARCore:
         d = h_h.shape[-1]
         logits = fused_logits(self.net, h_h.reshape(-1, d), h_v.reshape(-1, d), torch.tensor(left), torch.tensor(up),
                               torch.tensor(has_left), torch.tensor(has_up))
-        cond, uncond, base = [], [], 0
+        cond: list[int] = []
+        uncond: list[int] = []
+        base = 0
         for job, flat in zip(jobs, cells):
             k = len(flat)
             cond += range(base, base + k)
@@ -251,7 +253,7 @@ def run_jobs(core: FlashARCore, jobs: list[Job], join_every: int = 0) -> dict[st
     """Decode ``jobs`` to the end on ``core`` and return each one's tokens (Emu3.5's layout). With
     ``join_every = k > 0`` one job joins every ``k`` steps, so jobs run at different diagonals side by
     side; 0 admits them all at once. (Tests, tools and the benchmark; the service runs its own loop.)"""
-    waiting, active = list(jobs), []
+    waiting, active = list(jobs), list[Job]()
     tokens: dict[str, list[int]] = {job.request_id: [] for job in jobs}
     tick = 0
     while waiting or active:

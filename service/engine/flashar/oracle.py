@@ -46,7 +46,10 @@ class OracleCore(FlashARCore):
 
     @torch.inference_mode()
     def advance(self, jobs: list[Job]) -> list[StepOutput]:
-        parts, cond, uncond, cells = [], [], [], []
+        parts: list[torch.Tensor] = []
+        cond: list[int] = []
+        uncond: list[int] = []
+        cells: list[list[int]] = []
         base = 0
         for job in jobs:
             h_h, _, h_v = self._full(job)
