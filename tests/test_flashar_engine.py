@@ -188,3 +188,54 @@ def test_loader_recognises_flashar_and_refuses_bad_tensors(flashar_dir, tiny_dir
     check_flashar_checkpoint(legacy)  # the release's legacy keys are ignored
     raw = json.loads((flashar_dir / "config.json").read_text())
     assert raw["model_type"] == "emu3_flashar" and raw["vertical_start_layer"] == 1
+
+
+# ---- placement and the async engine --------------------------------------------------------------------
+def test_layers_split_over_two_devices_give_the_same_ids(flashar_dir, net, tiny_tokenizer):
+    tok = tiny_tokenizer
+    cfg, weights = load_flashar_weights(flashar_dir, dtype=torch.float64)
+    split = FlashARNetwork(cfg, weights, [torch.device("cpu"), torch.device("cpu", 0)], torch.float64)
+    assert split.layers[0].device != split.layers[-1].device  # one run of layers per device
+    reqs = [_request(tok, "a", (3, 4)), _request(tok, "b", (4, 3), words="a dog")]
+    assert _decode(FlashARCore(split, 4, 0), tok, reqs) == _decode(FlashARCore(net, 4, 0), tok, reqs)
+
+
+def test_async_engine_runs_four_requests_in_shared_forwards_and_aborts_cleanly(flashar_dir, tiny_tokenizer):
+    import asyncio
+
+    from service.engine.flashar.async_engine import AsyncFlashAREngine
+
+    tok = tiny_tokenizer
+    engine = AsyncFlashAREngine(flashar_dir, tok, "cpu", "float64", max_model_len=4096, max_concurrent=4)
+    engine.start()
+    reqs = [_request(tok, f"r{i}", (6, 6), words="a cat " + "x " * i) for i in range(4)]
+
+    async def collect(req):
+        steps, ids = 0, []
+        async for d in engine.generate(req):
+            steps += d.steps
+            ids += d.token_ids
+        return steps, ids
+
+    async def go():
+        together = await asyncio.gather(*(collect(r) for r in reqs))
+        stream = engine.generate(_request(tok, "cut", (6, 6)))
+        await stream.__anext__()
+        await stream.aclose()  # a client went away: its rows are released
+        for _ in range(100):
+            if len(engine._core.free) == 8:
+                break
+            await asyncio.sleep(0.05)
+        return together
+
+    try:
+        together = asyncio.run(go())
+        assert engine.stats().peak_running_sequences == 8  # four guided requests, one forward
+        assert len(engine._core.free) == 8
+    finally:
+        engine.shutdown()
+    assert [s for s, _ in together] == [11] * 4  # 6 + 6 − 1 forwards each
+    cfg, weights = load_flashar_weights(flashar_dir, dtype=torch.float64)
+    alone_net = FlashARNetwork(cfg, weights, [torch.device("cpu")], torch.float64)
+    for req, (_, ids) in zip(reqs, together):
+        assert ids == _decode(FlashARCore(alone_net, 2, 0), tok, [req])[req.request_id]

@@ -170,7 +170,7 @@ class GenerationRunner:
             what = "reference images" if gen.images else f"the {gen.task.value} task"
             raise PlanError(f"this service runs a FlashAR checkpoint, which draws text-to-image only: {what} "
                             f"cannot be served", "images" if gen.images else "task")
-        if gen.options.size is None:
+        if gen.options.size is None or gen.options.size.strip() == "auto":
             return replace(gen, options=replace(gen.options, size=FLASHAR_DEFAULT_SIZE, fit_size_to_area=False))
         return gen
 
