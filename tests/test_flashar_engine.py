@@ -200,6 +200,7 @@ def test_layers_split_over_two_devices_give_the_same_ids(flashar_dir, net, tiny_
     assert _decode(FlashARCore(split, 4, 0), tok, reqs) == _decode(FlashARCore(net, 4, 0), tok, reqs)
 
 
+@pytest.mark.slow
 def test_async_engine_runs_four_requests_in_shared_forwards_and_aborts_cleanly(flashar_dir, tiny_tokenizer):
     import asyncio
 

@@ -174,11 +174,8 @@ class AsyncFlashAREngine:
             except queue.Empty:
                 pass
             self._drop_aborted(waiting, active)
-            joining = []
-            for sub, job in list(waiting):
-                if core.can_admit(job):
-                    joining.append((sub, job))
-                    waiting.remove((sub, job))
+            joining = waiting[:len(core.admissible([job for _, job in waiting]))]  # first come, first served
+            del waiting[:len(joining)]
             try:
                 outputs = core.advance([j for _, j in active.values()]) if active else []
                 outputs += core.admit([j for _, j in joining]) if joining else []

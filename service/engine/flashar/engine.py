@@ -92,8 +92,15 @@ class FlashARCore:
         return Job(req.request_id, prompts, h, w, float(req.cfg_scale) if len(prompts) == 2 else 1.0,
                    req.image_sampling, gen, header, eol, eoi, grid=[0] * (h * w))
 
-    def can_admit(self, job: Job) -> bool:
-        return len(self.free) >= len(job.prompts)
+    def admissible(self, jobs: list[Job]) -> list[Job]:
+        """The longest head of ``jobs`` (in order) whose rows all fit the free slots."""
+        room, taken = len(self.free), []
+        for job in jobs:
+            if len(job.prompts) > room:
+                break
+            room -= len(job.prompts)
+            taken.append(job)
+        return taken
 
     def release(self, job: Job) -> None:
         self.free.extend(job.slots)
@@ -259,9 +266,8 @@ def run_jobs(core: FlashARCore, jobs: list[Job], join_every: int = 0) -> dict[st
     while waiting or active:
         joining = []
         if waiting and (join_every == 0 or tick % join_every == 0):
-            joining = waiting[:] if join_every == 0 else waiting[:1]
-            joining = [job for job in joining if core.can_admit(job)] or joining[:0]
-            waiting = [job for job in waiting if job not in joining]
+            joining = core.admissible(waiting if join_every == 0 else waiting[:1])
+            waiting = waiting[len(joining):]
         outputs = core.advance(active) if active else []
         outputs += core.admit(joining) if joining else []
         active = []
