@@ -127,7 +127,7 @@ class FlashARCore:
         logits = corner_logits(self.net, h_h[rows, last], x_s.to(h_h.device)[rows, last])
         for job in jobs:
             job.lengths = [len(p) for p in job.prompts]
-        row_of = _row_offsets(jobs)
+        row_of = row_offsets(jobs)
         cond = torch.tensor([row_of[i] for i in range(len(jobs))])
         uncond = torch.tensor([row_of[i] + len(job.prompts) - 1 for i, job in enumerate(jobs)])
         return self._draw(jobs, logits, cond, uncond, [[0] for _ in jobs])
@@ -231,7 +231,7 @@ def choose_logits(z_c: torch.Tensor, z_u: torch.Tensor, scale: torch.Tensor) -> 
     return z_u + scale[:, None] * (z_c - z_u)
 
 
-def _row_offsets(jobs: list[Job]) -> list[int]:
+def row_offsets(jobs: list[Job]) -> list[int]:
     """Index of each job's first (cond) row in the batch's rows."""
     offsets, at = [], 0
     for job in jobs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.flashar.engine import FlashARCore, Job, StepOutput, _row_offsets
+from service.engine.flashar.engine import FlashARCore, Job, StepOutput, row_offsets
 from service.engine.flashar.fusion import corner_logits, fused_logits
 from service.engine.flashar.schedule import diagonal_rows
 
@@ -39,7 +39,7 @@ class OracleCore(FlashARCore):
                 pre_h.append(h_h[row, len(prompt) - 1])
                 pre_b.append(x_s[row, len(prompt) - 1])
         logits = corner_logits(self.net, torch.stack(pre_h), torch.stack(pre_b))
-        offsets = _row_offsets(jobs)
+        offsets = row_offsets(jobs)
         cond = torch.tensor(offsets)
         uncond = torch.tensor([o + len(job.prompts) - 1 for o, job in zip(offsets, jobs)])
         return self._draw(jobs, logits, cond, uncond, [[0] for _ in jobs])

@@ -6,8 +6,6 @@ Step ``s`` (0 … H+W−2) draws every cell ``(r, s−r)``, rows increasing. Row
 
 from __future__ import annotations
 
-import torch
-
 
 def num_steps(height: int, width: int) -> int:
     """Decoding steps of an H×W grid: ``H + W − 1``."""
@@ -21,12 +19,6 @@ def diagonal_rows(step: int, height: int, width: int) -> range:
 
 def diagonal_cells(step: int, height: int, width: int) -> list[tuple[int, int]]:
     return [(r, step - r) for r in diagonal_rows(step, height, width)]
-
-
-def diagonal_flat(step: int, height: int, width: int) -> torch.Tensor:
-    """Flat indices ``r·W + c`` of diagonal ``step``'s cells, in drawing order."""
-    rows = torch.tensor(list(diagonal_rows(step, height, width)), dtype=torch.long)
-    return rows * width + (step - rows)
 
 
 def rows_completed_by(step: int, height: int, width: int) -> range:
