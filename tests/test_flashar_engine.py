@@ -111,6 +111,15 @@ def test_greedy_batch_of_4_equals_each_request_alone(net, tiny_tokenizer):
     assert len({tuple(v) for v in alone.values()}) == 4  # the prompts matter: four different images
 
 
+def test_a_small_grid_with_a_long_prompt_batched_with_a_large_grid(net, tiny_tokenizer):
+    """Chunks are padded to the batch's longest diagonal: a row whose own needs are small still gets room."""
+    tok = tiny_tokenizer
+    reqs = [_request(tok, "big", (6, 6), words="a"), _request(tok, "small", (1, 2), words="a cat " * 30)]
+    core = FlashARCore(net, slots=4, fallback_seed=0)
+    batched = _decode(core, tok, reqs, join_every=3)
+    assert batched == _decode(OracleCore(net, slots=4, fallback_seed=0), tok, reqs)
+
+
 def test_guidance_changes_ids_and_scale_1_equals_cond_only(net, tiny_tokenizer):
     tok = tiny_tokenizer
     plain = _decode(FlashARCore(net, slots=2, fallback_seed=0), tok, [_request(tok, "a", (4, 4), cfg=1.0)])

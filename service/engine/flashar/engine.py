@@ -137,6 +137,8 @@ class FlashARCore:
         """One forward feeding each job's last diagonal (padded to the longest), then draw the next ones."""
         fed = [list(diagonal_rows(job.step - 1, job.height, job.width)) for job in jobs]
         n = max(len(f) for f in fed)
+        # every row writes n entries (its padding past its valid length): room for the longest row
+        self._grow(max(length for job in jobs for length in job.lengths) + n)
         slots, write, vwrite, valid, vvalid, pos, ids = [], [], [], [], [], [], []
         for job, rows in zip(jobs, fed):
             flat = [r * job.width + (job.step - 1 - r) for r in rows]
