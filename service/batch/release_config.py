@@ -46,7 +46,7 @@ def _release_stubs() -> Iterator[None]:
         module = types.ModuleType(name)
         module.__path__ = []  # a package, so the submodule import resolves
         sys.modules[name] = module
-    sys.modules["src.utils.logging_utils"].setup_logger = _setup_logger
+    vars(sys.modules["src.utils.logging_utils"])["setup_logger"] = _setup_logger
     try:
         yield
     finally:
