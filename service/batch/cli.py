@@ -27,10 +27,10 @@ from service.batch.job import BatchJob, InputError
 from service.batch.jsonl import read_jsonl
 from service.batch.progress import make_progress
 from service.batch.release_config import read_release_config
-from service.batch.run import BatchSummary, plan_batch, run_batch
+from service.batch.run import BatchSummary, plan_batch, run_batch, started_runner
 from service.batch.shard import JOB_INDEX_ENV, default_worker_id, shard
 from service.server.core.settings import ENV_PREFIX, Settings, load_settings
-from service.task import CheckpointError, GenerationRunner, build_engine, check_model, load_tokenizer, start_vq_worker
+from service.task import CheckpointError, check_model
 
 PROG = "emu35-generate"
 logger = logging.getLogger("service.batch")
@@ -105,28 +105,16 @@ def _summary_path(args: argparse.Namespace, out_dir: Path, worker_id: int) -> Pa
 
 async def _generate(settings: Settings, todo: list[Item], out_dir: Path, summary: BatchSummary,
                     quiet: bool) -> BatchSummary:
-    """Start the tokenizer, the VQ worker and the engine, run the batch, stop them."""
-    tokenizer = await asyncio.to_thread(load_tokenizer, settings)
-    vq = start_vq_worker(settings)
-    await asyncio.to_thread(vq.start)
-    engine = build_engine(settings, tokenizer)
+    """Start the engine and the VQ worker, run the batch, stop them."""
     main = asyncio.current_task()
     if main is not None:  # a pod's SIGTERM: abort what runs (nothing half-written), keep what is done
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    try:
-        await asyncio.to_thread(engine.start)
-        await engine.self_check()
-        runner = GenerationRunner(engine, vq, tokenizer, image_area=settings.image_area)
+    async with started_runner(settings, settings.image_area) as runner:
         progress = make_progress(len(todo), quiet)  # from here: the rate counts generation, not loading
         try:
             return await run_batch(runner, todo, out_dir, summary, settings.max_concurrent, progress)
         finally:
             progress.close()
-    finally:
-        try:
-            engine.shutdown()
-        finally:
-            vq.stop()
 
 
 def _error(where: str, message: str) -> int:

@@ -10,19 +10,31 @@ for it, so the next run starts it again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import AsyncIterator, Literal, Sequence
 
 from PIL import Image
 
 from service.batch.items import Item, ItemError
 from service.batch.progress import Progress
 from service.batch.records import is_written, write_record
-from service.task import EngineError, Finished, GenerationInput, GenerationRunner, Outcome, PlanError
+from service.task import (
+    EngineError,
+    Finished,
+    GenerationInput,
+    GenerationRunner,
+    Outcome,
+    PlanError,
+    build_engine,
+    load_tokenizer,
+    start_vq_worker,
+)
+from service.task.resources import ResourceSettings
 
 Status = Literal["ok", "failed", "skipped"]
 
@@ -166,3 +178,22 @@ async def run_batch(runner: GenerationRunner, todo: Sequence[Item], out_dir: Pat
         await asyncio.gather(*workers, return_exceptions=True)
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+@contextlib.asynccontextmanager
+async def started_runner(settings: ResourceSettings, image_area: int | None = None) -> AsyncIterator[GenerationRunner]:
+    """The tokenizer, the VQ worker and the engine of ``settings``, started (as the server's runtime
+    starts them) for as long as the block runs; ``image_area`` is the service-wide default."""
+    tokenizer = await asyncio.to_thread(load_tokenizer, settings)
+    vq = start_vq_worker(settings)
+    await asyncio.to_thread(vq.start)
+    engine = build_engine(settings, tokenizer)
+    try:
+        await asyncio.to_thread(engine.start)
+        await engine.self_check()
+        yield GenerationRunner(engine, vq, tokenizer, image_area=image_area)
+    finally:
+        try:
+            engine.shutdown()
+        finally:
+            vq.stop()
