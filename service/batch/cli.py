@@ -90,7 +90,7 @@ def _for_service(entries: list[Item | ItemError], settings: Settings, area_flag:
     def adapt(e: Item | ItemError) -> Item | ItemError:
         if isinstance(e, ItemError):
             return e
-        options = replace(e.options, variant=settings.model_variant,
+        options = replace(e.options, variant=settings.variant,
                           image_area=None if area_flag else e.options.image_area)
         return replace(e, options=options)
     return [adapt(e) for e in entries]
