@@ -205,3 +205,21 @@ def test_jsonl_needs_an_out_folder(tmp_path, capsys):
     path = write_jsonl(tmp_path / "p.jsonl", [{"task": "t2i", "prompt": "x"}])
     assert generate_main(["--prompts", str(path), "--demo"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(caplog):
+    from service.batch.progress import BarProgress, LogProgress, make_progress
+
+    bar = make_progress(2, quiet=False, tty=True)
+    assert isinstance(bar, BarProgress)
+    bar.close()
+    lines = make_progress(2, quiet=False, tty=False)
+    quiet = make_progress(2, quiet=True, tty=True)
+    assert isinstance(lines, LogProgress) and isinstance(quiet, LogProgress)
+    with caplog.at_level("INFO", logger="service.batch"):
+        lines.done("000", "ok", "1.0 s")
+        quiet.done("001", "ok")
+        quiet.done("002", "failed", "images: missing")
+    text = caplog.text
+    assert "[1/2] 000 ok 1.0 s" in text and "img/s" in text and "ETA" in text
+    assert "001" not in text and "prompt 002 failed: images: missing" in text
