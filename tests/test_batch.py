@@ -223,3 +223,27 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(caplog):
     text = caplog.text
     assert "[1/2] 000 ok 1.0 s" in text and "img/s" in text and "ETA" in text
     assert "001" not in text and "prompt 002 failed: images: missing" in text
+
+
+def test_a_release_config_is_fitted_to_the_engine_and_a_jsonl_line_is_not(tmp_path, tiny_dir):
+    """The release's example values (1024² px, 5,120 new tokens) run on --demo's 4,096-token context:
+    the demo's image area wins and the token cap becomes what the context leaves; a JSONL line's own
+    fields are its request, left as asked."""
+    from service.batch.cli import service_entries
+    from service.prompts import ModelVariant
+    from service.server.core.settings import load_settings
+
+    demo = load_settings(["--demo", "--model-variant", "emu3.5-image"]).with_demo_defaults(tiny_dir)
+    cfg = read_release_config(write_release_config(tmp_path / "c.py", ["p"], image_area=1024 * 1024,
+                                                   max_new_tokens=5120), cwd=tmp_path)
+    (item,) = service_entries(cfg, cfg.entries, demo)
+    assert isinstance(item, Item)
+    assert (item.options.image_area, item.options.max_new_tokens) == (None, None)
+    assert item.options.variant is ModelVariant.EMU35_IMAGE
+    lines = read_jsonl(write_jsonl(tmp_path / "p.jsonl", [
+        {"task": "t2i", "prompt": "x", "image_area": 128 * 128, "max_new_tokens": 5000}]))
+    (line,) = service_entries(lines, lines.entries, demo)
+    assert isinstance(line, Item) and (line.options.image_area, line.options.max_new_tokens) == (128 * 128, 5000)
+    full = load_settings(["--model", "/m", "--vq-model", "/v", "--max-model-len", "8192"])
+    (kept,) = service_entries(cfg, cfg.entries, full)
+    assert isinstance(kept, Item) and (kept.options.image_area, kept.options.max_new_tokens) == (1024 * 1024, 5120)

@@ -85,15 +85,30 @@ def settings_argv(job: BatchJob, rest: list[str]) -> list[str]:
     return out
 
 
-def _for_service(entries: list[Item | ItemError], settings: Settings, area_flag: bool) -> list[Item | ItemError]:
-    """Each prompt on the served model variant; a ``--image-area`` flag wins over the input's."""
+def service_entries(job: BatchJob, entries: list[Item | ItemError], settings: Settings) -> list[Item | ItemError]:
+    """Each prompt as this service runs it: on the served model variant and, for a release config, with
+    its run-wide settings fitted to the engine: ``--image-area`` (or ``--demo``'s small images) wins over
+    the config's ``image_area``, and a ``max_new_tokens`` the context cannot hold becomes what each
+    prompt's context leaves (the release's value is a cap; the demo's context is 4,096 tokens)."""
+    area_yields = job.release_config and ("image_area" in settings.model_fields_set or settings.demo)
+    context = settings.max_model_len if job.release_config else None
+
     def adapt(e: Item | ItemError) -> Item | ItemError:
         if isinstance(e, ItemError):
             return e
-        options = replace(e.options, variant=settings.variant,
-                          image_area=None if area_flag else e.options.image_area)
+        max_new = e.options.max_new_tokens
+        if context is not None and max_new is not None and max_new >= context:
+            max_new = None
+        options = replace(e.options, variant=settings.variant, max_new_tokens=max_new,
+                          image_area=None if area_yields else e.options.image_area)
         return replace(e, options=options)
-    return [adapt(e) for e in entries]
+
+    adapted = [adapt(e) for e in entries]
+    if context is not None and any(isinstance(a, Item) and isinstance(e, Item) and a.options.max_new_tokens
+                                   != e.options.max_new_tokens for a, e in zip(adapted, entries)):
+        logger.warning("max_new_tokens is over the context (%d tokens): each prompt may take what its "
+                       "context leaves", context)
+    return adapted
 
 
 def _summary_path(args: argparse.Namespace, out_dir: Path, worker_id: int) -> Path:
@@ -145,8 +160,7 @@ def generate_main(argv: list[str], prepare: Callable[[Settings], Settings] | Non
         return _error(".".join(str(p) for p in err["loc"]) or "settings", err["msg"])
     if prepare is not None:
         settings = prepare(settings)
-    entries = _for_service(shard(job.entries, args.num_workers, worker_id), settings,
-                           area_flag="image_area" in settings.model_fields_set)
+    entries = service_entries(job, shard(job.entries, args.num_workers, worker_id), settings)
     todo, summary = plan_batch(entries, out_dir)
     logger.info("worker %d of %d: %d prompts, %d already written, %d refused, %d to generate into %s",
                 worker_id, args.num_workers, len(entries), summary.count("skipped"), summary.count("failed"),

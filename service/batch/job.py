@@ -35,7 +35,9 @@ class BatchJob:
     entries: list[Item | ItemError]
     save_path: Path | None = None  # records go to {save_path}/proto (the release's layout)
     paths: ModelPaths = field(default_factory=ModelPaths)
-    image_area_given: bool = False  # the input sets an image area (a --image-area flag still wins)
+    #: A release config: its image_area and max_new_tokens are settings of the whole run (a --image-area
+    #: flag or --demo wins over the first; the context caps the second), not a JSONL line's own request.
+    release_config: bool = False
 
     @property
     def names(self) -> list[str]:

@@ -184,5 +184,4 @@ def read_release_config(path: str | Path, cwd: Path | None = None) -> BatchJob:
     save_path = getattr(cfg, "save_path", None)
     paths = ModelPaths(*(None if (v := getattr(cfg, k, None)) is None else str(v)
                          for k in ("model_path", "vq_path", "tokenizer_path")))
-    return BatchJob(entries, None if save_path is None else base / str(save_path), paths,
-                    image_area_given=options.image_area is not None)
+    return BatchJob(entries, None if save_path is None else base / str(save_path), paths, release_config=True)
