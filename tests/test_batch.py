@@ -3,6 +3,7 @@ tests/test_batch_engine.py for the runs)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -247,3 +248,14 @@ def test_a_release_config_is_fitted_to_the_engine_and_a_jsonl_line_is_not(tmp_pa
     full = load_settings(["--model", "/m", "--vq-model", "/v", "--max-model-len", "8192"])
     (kept,) = service_entries(cfg, cfg.entries, full)
     assert isinstance(kept, Item) and (kept.options.image_area, kept.options.max_new_tokens) == (1024 * 1024, 5120)
+
+
+def test_an_engine_that_cannot_start_fails_every_prompt_in_the_summary(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"name": "a", "task": "t2i", "prompt": "x"}])
+    out = tmp_path / "out" / "proto"
+    argv = ["--prompts", str(path), "--out", str(out), "--model", str(tmp_path / "none"), "--vq-model",
+            str(tmp_path / "none"), "--engine", "reference", "--quiet"]
+    assert generate_main(argv) == 1
+    assert "failed 1" in capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "summary.json").read_text())["prompts"]["a"]
+    assert result["status"] == "failed" and "the engine failed" in result["reason"]

@@ -28,7 +28,7 @@ from service.batch.jsonl import read_jsonl
 from service.batch.progress import make_progress
 from service.batch.release_config import read_release_config
 from service.batch.run import BatchSummary, plan_batch, run_batch, started_runner
-from service.batch.shard import JOB_INDEX_ENV, default_worker_id, shard
+from service.batch.shard import JOB_INDEX_ENV, check_shard, default_worker_id, shard
 from service.server.core.settings import ENV_PREFIX, Settings, load_settings
 from service.task import CheckpointError, check_model
 
@@ -145,7 +145,7 @@ def generate_main(argv: list[str], prepare: Callable[[Settings], Settings] | Non
         worker_id = default_worker_id() if args.worker_id is None else args.worker_id
         job = read_release_config(args.cfg) if args.cfg is not None else read_jsonl(args.prompts)
         serve_argv = settings_argv(job, rest)
-        shard([], args.num_workers, worker_id)  # the flags' range, before anything loads
+        check_shard(args.num_workers, worker_id)
     except InputError as exc:
         return _error(exc.field, exc.reason)
     except ValueError as exc:
@@ -177,6 +177,10 @@ def generate_main(argv: list[str], prepare: Callable[[Settings], Settings] | Non
             asyncio.run(_generate(settings, todo, out_dir, summary, args.quiet))
         except (KeyboardInterrupt, asyncio.CancelledError):
             status = 130
+            summary.mark_not_run(todo, "interrupted before it finished")
+        except Exception as exc:  # noqa: BLE001 - the engine or the VQ worker failed to start or died
+            logger.exception("the engine failed")
+            summary.mark_not_run(todo, f"the engine failed: {type(exc).__name__}: {exc}")
     path = _summary_path(args, out_dir, worker_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(summary.to_json() + "\n", encoding="utf-8")

@@ -64,6 +64,11 @@ class BatchSummary:
     def failed(self) -> list[PromptResult]:
         return [r for r in self.results.values() if r.status == "failed"]
 
+    def mark_not_run(self, items: Sequence[Item], reason: str) -> None:
+        """Record the prompts of ``items`` that have no result yet (a run cut short) as failed."""
+        for item in items:
+            self.results.setdefault(item.name, PromptResult(item.name, "failed", reason=reason))
+
     def to_json(self) -> str:
         return json.dumps({
             "generated": self.count("ok"), "skipped": self.count("skipped"), "failed": self.count("failed"),

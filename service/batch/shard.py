@@ -19,12 +19,17 @@ T = TypeVar("T")
 JOB_INDEX_ENV = "JOB_COMPLETION_INDEX"
 
 
-def shard(items: Sequence[T], num_workers: int, worker_id: int) -> list[T]:
-    """Worker ``worker_id``'s share of ``items`` (round-robin, as the release)."""
+def check_shard(num_workers: int, worker_id: int) -> None:
+    """Refuse a worker count or id that names no share (``ValueError`` naming the flag)."""
     if num_workers < 1:
         raise ValueError(f"--num-workers must be at least 1, got {num_workers}")
     if not 0 <= worker_id < num_workers:
         raise ValueError(f"--worker-id must lie in [0, {num_workers}), got {worker_id}")
+
+
+def shard(items: Sequence[T], num_workers: int, worker_id: int) -> list[T]:
+    """Worker ``worker_id``'s share of ``items`` (round-robin, as the release)."""
+    check_shard(num_workers, worker_id)
     return list(items[worker_id::num_workers])
 
 
