@@ -133,7 +133,7 @@ async def main_async(args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=1, help="plain vLLM timing repeats (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="plain vLLM timing repeats (median; 1 is too noisy)")
     ap.add_argument("--json", help="also write the report here")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
