@@ -15,7 +15,7 @@ CHECK_TOOLS ?= ruff==0.17.6 mypy==2.4.1
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser demo bench-vq bench-engine proto clean
+.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser demo bench-vq bench-engine bench-flashar proto clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,9 @@ bench-vq: install
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
+
+bench-flashar: install
+	VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python bench/flashar.py
 
 proto: install
 	$(BIN)/python scripts/gen_proto.py
