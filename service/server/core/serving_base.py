@@ -146,7 +146,7 @@ class ServingBase:
 
     @property
     def variant(self):
-        return self.rt.settings.model_variant
+        return self.rt.settings.variant
 
     # ---- the template ------------------------------------------------------------------------------
     async def create(self, endpoint: str, task: Task, params: Any, images: list[str | bytes],

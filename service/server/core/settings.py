@@ -60,8 +60,10 @@ class Settings(BaseSettings):
     vq_model: Path | None = Field(None, description="IBQ vision tokenizer folder (config.yaml + model.ckpt)")
     tokenizer: Path | None = Field(
         None, description="tokenizer folder (emu3.tiktoken + emu3_vision_tokens.txt); default: --model")
-    model_variant: ModelVariant = Field(
-        ModelVariant.EMU35, description="which release the weights are: its per-task defaults (design.md §4)")
+    #: The values, not the enum, so ``--help`` lists ``{emu3.5,emu3.5-image}`` as the README and
+    #: EMU35_MODEL_VARIANT spell them (an enum would be listed by its member names).
+    model_variant: Literal["emu3.5", "emu3.5-image"] = Field(
+        "emu3.5", description="which release the weights are: its per-task defaults (design.md §4)")
     served_model_name: str = Field("emu3.5", min_length=1, description="model id in /v1/models and OpenAI APIs")
 
     # ---- engine -----------------------------------------------------------------------------------
@@ -137,6 +139,11 @@ class Settings(BaseSettings):
             if key not in given:
                 update[key] = value
         return self.model_copy(update=update)
+
+    @property
+    def variant(self) -> ModelVariant:
+        """``model_variant`` as the task layer's enum."""
+        return ModelVariant(self.model_variant)
 
     @property
     def engine_kind(self) -> Literal["vllm", "reference"]:
