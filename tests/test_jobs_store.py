@@ -227,10 +227,10 @@ def test_listing_filters_by_status_and_pages_newest_first(store_url, tmp_path):
         try:
             ids = [(await s.submit(NewJob("t2i", b"{}"), now=float(i))).id for i in range(5)]
             await s.cancel(ids[1])
-            page1 = await s.list(status="queued", limit=2)
-            page2 = await s.list(status="queued", limit=2, after=page1[-1].id)
+            page1 = await s.list_jobs(status="queued", limit=2)
+            page2 = await s.list_jobs(status="queued", limit=2, after=page1[-1].id)
             assert [j.id for j in page1 + page2] == [ids[4], ids[3], ids[2], ids[0]]
-            assert [j.id for j in await s.list(status="canceled")] == [ids[1]]
+            assert [j.id for j in await s.list_jobs(status="canceled")] == [ids[1]]
         finally:
             await s.close()
 

@@ -5,6 +5,7 @@ This layer sits above the task layer and below HTTP: it never imports ``service.
 request is run is given to it by the HTTP layer as a :class:`~service.jobs.worker.JobExecutor`.
 """
 
+from service.jobs.follow import follow_events
 from service.jobs.store import (
     FINISHED,
     STATUSES,
@@ -14,9 +15,17 @@ from service.jobs.store import (
     NewJob,
     open_store,
 )
-from service.jobs.follow import follow_events
 from service.jobs.webhooks import RetryPolicy, WebhookRefused, WebhookSender, check_webhook_url
-from service.jobs.worker import JobExecutor, JobFailed, JobLost, JobMetrics, JobReporter, JobWorker, WorkerConfig
+from service.jobs.worker import (
+    JobExecutor,
+    JobFailed,
+    JobLost,
+    JobMetrics,
+    JobReporter,
+    JobRetry,
+    JobWorker,
+    WorkerConfig,
+)
 
 __all__ = [
     "FINISHED",
@@ -26,6 +35,7 @@ __all__ = [
     "JobLost",
     "JobMetrics",
     "JobReporter",
+    "JobRetry",
     "JobRow",
     "JobStore",
     "JobWorker",

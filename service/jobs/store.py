@@ -206,7 +206,7 @@ class JobStore:
         r = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
         return _row(r) if r is not None else None
 
-    async def list(self, status: str | None = None, limit: int = 20, after: str | None = None) -> list[JobRow]:
+    async def list_jobs(self, status: str | None = None, limit: int = 20, after: str | None = None) -> list[JobRow]:
         """Newest first; ``after`` is the last id of the previous page."""
         q = select(jobs)
         if status is not None:
@@ -356,11 +356,13 @@ class JobStore:
                 error=json.dumps({"message": message, "code": code})))
             return done.rowcount == 1
 
-    async def release(self, job_id: str, owner: str) -> bool:
-        """Give a claimed job back to the queue without counting the attempt (this replica is busy)."""
+    async def release(self, job_id: str, owner: str, count_attempt: bool = False) -> bool:
+        """Give a claimed job back to the queue; the attempt is not counted unless ``count_attempt``
+        (this replica was busy or stopping, rather than failing)."""
+        attempts = jobs.c.attempts if count_attempt else jobs.c.attempts - 1
         async with self.engine.begin() as conn:
             done = await conn.execute(update(jobs).where(self._held(job_id, owner)).values(
-                status="queued", owner=None, lease_until=None, attempts=jobs.c.attempts - 1))
+                status="queued", owner=None, lease_until=None, attempts=attempts))
             return done.rowcount == 1
 
     def result(self, job: JobRow) -> bytes | None:

@@ -29,6 +29,11 @@ class JobFailed(Exception):
         self.message, self.code = message, code
 
 
+class JobRetry(Exception):
+    """This replica could not finish the job (its engine died, it is shutting down): queued again, and
+    the attempt counts towards ``max_attempts``."""
+
+
 class JobLost(Exception):
     """This replica no longer holds the job (it was canceled, or its lease was taken over)."""
 
@@ -124,6 +129,10 @@ class JobWorker:
         """A job was submitted or a slot freed: claim now instead of at the next poll."""
         self._wake.set()
 
+    def pause(self) -> None:
+        """Claim nothing more (a drain began); running jobs go on, their leases renewed."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Stop claiming; jobs still running are given back to the queue (another replica, or this one
         after its restart, runs them)."""
@@ -177,6 +186,10 @@ class JobWorker:
             done = await self.store.fail(job.id, owner, exc.message, exc.code)
         except JobLost:
             done = False
+        except JobRetry as exc:
+            logger.warning("job %s goes back to the queue: %s", job.id, exc)
+            done = False
+            await self.store.release(job.id, owner, count_attempt=True)
         except asyncio.CancelledError:
             if self._stopping:  # give it back now rather than when its lease runs out
                 with contextlib.suppress(Exception):
