@@ -99,7 +99,7 @@ def job_resource(job: JobRow, store: JobStore, include_result: bool = True) -> d
     body: dict[str, Any] = {
         "id": job.id, "object": "job", "status": job.status, "route": job.route,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
-        "expires_at": job.expires_at, "attempts": job.attempts,
+        "expires_at": job.expires_at, "attempts": job.attempts, "replica": job.owner,
         "progress": {"images": job.progress.get("images", 0), "rows": job.progress.get("rows", 0)},
         "result": None, "error": job.error, "links": {"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"},
     }

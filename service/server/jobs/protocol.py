@@ -31,6 +31,7 @@ class Job(BaseModel):
     finished_at: float | None = None
     expires_at: float | None = Field(None, description="when a finished job is removed (--job-ttl)")
     attempts: int = Field(0, description="times a replica claimed it (a restart or a lost lease claims it again)")
+    replica: str | None = Field(None, description="the replica running it (--replica-id), while it runs")
     progress: JobProgress
     result: dict[str, Any] | None = Field(None, description="when succeeded: the body the synchronous route answers")
     error: dict[str, Any] | None = Field(None, description="when failed or canceled: {message, code}")
