@@ -208,6 +208,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.serving_generation = ServingGeneration(runtime)
     app.state.serving_openai = ServingOpenAIImages(runtime)
+    for serving in (app.state.serving_generation, app.state.serving_openai):  # a stored job runs through these
+        runtime.job_servings.update(dict.fromkeys(serving.job_params, serving))
     install_handlers(app)
     install_openapi(app, auth=settings.api_key is not None)
     for router in (operations, operations_v1, emu35_routes, openai_routes, jobs_routes, playground, docs):

@@ -143,13 +143,12 @@ async def run_cancellable(request: Request, work: Awaitable[T], runtime: Runtime
 
 
 class ServingBase:
-    #: each endpoint's request model, so a stored job's request can be rebuilt (subclasses)
+    #: each endpoint's request model, so a stored job's request can be rebuilt (subclasses; app.py maps
+    #: each endpoint to its serving class in ``Runtime.job_servings``)
     job_params: dict[str, type[BaseModel]] = {}
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
-        for endpoint in self.job_params:  # the job worker runs stored requests through their serving class
-            runtime.job_servings[endpoint] = self
 
     @property
     def variant(self):
