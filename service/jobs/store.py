@@ -17,6 +17,7 @@ job, so it exists exactly once whatever a crash interrupts; the row references i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -171,6 +172,25 @@ class JobStore:
         self.results_dir = results_dir
         self.ttl = ttl
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._watchers: dict[str, set[asyncio.Event]] = {}  # followers in this process, woken on a write
+
+    # ---- change notification within this process (other replicas' writes are found by polling) -------
+    def watch(self, job_id: str) -> asyncio.Event:
+        """An event set whenever this process writes to ``job_id``; :meth:`unwatch` it when done."""
+        ev = asyncio.Event()
+        self._watchers.setdefault(job_id, set()).add(ev)
+        return ev
+
+    def unwatch(self, job_id: str, ev: asyncio.Event) -> None:
+        found = self._watchers.get(job_id)
+        if found is not None:
+            found.discard(ev)
+            if not found:
+                del self._watchers[job_id]
+
+    def _changed(self, job_id: str) -> None:
+        for ev in self._watchers.get(job_id, ()):
+            ev.set()
 
     # ---- schema ----------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -321,6 +341,7 @@ class JobStore:
             if events:
                 await conn.execute(insert(job_events), [
                     {"job_id": job_id, "seq": e.seq, "event": e.event, "data": e.data} for e in events])
+        self._changed(job_id)
         return True
 
     async def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
@@ -346,6 +367,7 @@ class JobStore:
                 tmp.unlink(missing_ok=True)
                 return False
             os.replace(tmp, path)  # inside the transaction: a crash before commit leaves a file the rerun replaces
+        self._changed(job_id)
         return True
 
     async def fail(self, job_id: str, owner: str, message: str, code: str, now: float | None = None) -> bool:
@@ -354,7 +376,8 @@ class JobStore:
             done = await conn.execute(update(jobs).where(self._held(job_id, owner)).values(
                 status="failed", finished_at=now, expires_at=now + self.ttl, owner=None, lease_until=None,
                 error=json.dumps({"message": message, "code": code})))
-            return done.rowcount == 1
+        self._changed(job_id)
+        return done.rowcount == 1
 
     async def release(self, job_id: str, owner: str, count_attempt: bool = False) -> bool:
         """Give a claimed job back to the queue; the attempt is not counted unless ``count_attempt``
@@ -383,7 +406,9 @@ class JobStore:
                 update(jobs).where(and_(jobs.c.id == job_id, jobs.c.status.in_(("queued", "running"))))
                 .values(status="canceled", finished_at=now, expires_at=now + self.ttl, lease_until=None,
                         error=json.dumps({"message": "the job was canceled", "code": "canceled"})))
-            return await self._get(conn, job_id), done.rowcount == 1
+            row = await self._get(conn, job_id)
+        self._changed(job_id)
+        return row, done.rowcount == 1
 
     async def delete(self, job_id: str) -> tuple[JobRow | None, bool]:
         """Remove a finished job, its events and its result; (the job, whether it was removed)."""
