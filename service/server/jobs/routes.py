@@ -79,13 +79,13 @@ async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
     return JSONResponse({"id": job_id, "object": "job", "deleted": True})
 
 
-def _last_event_id(request: Request) -> int:
+def last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id")
     if raw is None or raw == "":
         return 0
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         raise bad_request("Last-Event-ID must be the id of an event of this job (a non-negative integer)",
-                          "invalid_last_event_id", "Last-Event-ID")
+                          "invalidlast_event_id", "Last-Event-ID")
     return int(raw)
 
 
@@ -96,7 +96,7 @@ def _last_event_id(request: Request) -> int:
                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                        **error_responses(400, 404)})
 async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs)) -> Response:
-    after = _last_event_id(request)
+    after = last_event_id(request)
     if await jobs.store.get(job_id) is None:
         raise _unknown(job_id)
 
