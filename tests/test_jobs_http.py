@@ -15,7 +15,7 @@ import pytest
 from httpx_sse import connect_sse
 from standardwebhooks.webhooks import Webhook
 
-from tests.serverproc import metric, running_server, scrape
+from tests.serverproc import metric, running_server, scrape, wait_engine_idle
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +109,7 @@ def test_cancel_a_queued_and_a_running_job_frees_the_engine(http):
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     r = http.post(f"/v1/jobs/{running['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
+    assert wait_engine_idle(http, within=10) < 10  # the engine pair was aborted, not run to its end
     # the one slot is free again: a synchronous request runs at once
     started = time.monotonic()
     assert http.post("/v1/t2i", json={"prompt": "x", **SMALL}).status_code == 200
