@@ -20,6 +20,7 @@ from service.jobs import (
     JobEvent,
     JobFailed,
     JobReporter,
+    JobRetry,
     JobRow,
     JobWorker,
     NewJob,
@@ -271,6 +272,8 @@ class FakeExecutor:
             for i in range(3):
                 report.rows_done(i + 1)
                 await report.event("image_progress", json.dumps({"rows": i + 1}))
+            if spec.get("retry") and self.ran.count(job.id) == 1:  # the first run's replica gives up on it
+                raise JobRetry("engine died", count_attempt=spec["retry"] == "counted")
             if spec.get("block"):
                 await self.unblock.wait()
             return json.dumps({"job": job.id}).encode()
@@ -302,6 +305,7 @@ def test_worker_runs_jobs_within_its_slots_and_stores_each_result_once(store_url
             assert (await s.counts())["queued"] == 2  # the third waits for a free slot
             ex.unblock.set()
             await wait_for(lambda: _count(s, "succeeded", 3))
+            await wait_for(lambda: _count(s, "failed", 1))
             failed = await s.get(bad)
             assert failed.status == "failed" and failed.error == {"message": "bad request", "code": "invalid_generation"}
             for job_id in ids:
@@ -319,6 +323,26 @@ def test_worker_runs_jobs_within_its_slots_and_stores_each_result_once(store_url
 
 async def _count(s, status: str, n: int) -> bool:
     return (await s.counts())[status] == n
+
+
+@pytest.mark.parametrize("retry", ["counted", "uncounted"])
+def test_a_job_its_replica_could_not_finish_is_queued_again(store_url, tmp_path, retry):
+    async def scenario():
+        s = await opened(store_url, tmp_path)
+        ex = FakeExecutor(slots=1)
+        w = JobWorker(s, ex, WorkerConfig(owner="w1", poll=0.05, housekeeping=0.05))
+        try:
+            job = await s.submit(NewJob("t2i", json.dumps({"retry": retry}).encode()))
+            await w.start()
+            await wait_for(lambda: _count(s, "succeeded", 1))
+            row = await s.get(job.id)
+            assert ex.ran == [job.id, job.id] and row.attempts == (2 if retry == "counted" else 1)
+            assert [e.seq for e in await s.events(job.id)] == [1, 2, 3, 4, 5, 6]  # the rerun continues the ids
+        finally:
+            await w.stop()
+            await s.close()
+
+    run(scenario())
 
 
 def test_canceling_a_running_job_stops_its_run(store_url, tmp_path):

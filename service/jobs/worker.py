@@ -30,8 +30,12 @@ class JobFailed(Exception):
 
 
 class JobRetry(Exception):
-    """This replica could not finish the job (its engine died, it is shutting down): queued again, and
-    the attempt counts towards ``max_attempts``."""
+    """This replica could not finish the job: queued again. The attempt counts towards ``max_attempts``
+    when ``count_attempt`` (the engine died under it), not when the replica was only busy or stopping."""
+
+    def __init__(self, message: str, count_attempt: bool = True) -> None:
+        super().__init__(message)
+        self.count_attempt = count_attempt
 
 
 class JobLost(Exception):
@@ -189,7 +193,7 @@ class JobWorker:
         except JobRetry as exc:
             logger.warning("job %s goes back to the queue: %s", job.id, exc)
             done = False
-            await self.store.release(job.id, owner, count_attempt=True)
+            await self.store.release(job.id, owner, count_attempt=exc.count_attempt)
         except asyncio.CancelledError:
             if self._stopping:  # give it back now rather than when its lease runs out
                 with contextlib.suppress(Exception):

@@ -44,6 +44,15 @@ logger = logging.getLogger(__name__)
 
 #: Error codes that mean "this replica could not finish it", not "the request is bad": queued again.
 RETRYABLE_CODES = frozenset({"engine_unavailable", "shutting_down", "overloaded", "model_loading"})
+#: ... of which these do not count as an attempt (the replica was busy or stopping; nothing went wrong).
+UNCOUNTED_CODES = frozenset({"shutting_down", "overloaded", "model_loading"})
+
+
+def _failure(message: str, code: str) -> Exception:
+    """What a job's failure with ``code`` means for the worker: back to the queue, or failed."""
+    if code in RETRYABLE_CODES:
+        return JobRetry(message, count_attempt=code not in UNCOUNTED_CODES)
+    return JobFailed(message, code)
 
 
 def prefers_async(request: Request) -> bool:
@@ -157,7 +166,7 @@ class ServingExecutor:
             job = await serving.job(stored.endpoint, stored.task, params, stored.images, _no_client_request(stored.endpoint))
             admitted = await serving._admit_all(job)
         except APIError as exc:
-            raise (JobRetry(exc.message) if exc.code in RETRYABLE_CODES else JobFailed(exc.message, exc.code)) from None
+            raise _failure(exc.message, exc.code) from None
         report.admitted.set()
         sink = JobSink(report, len(job.inputs))
         events = cast(AsyncGenerator[dict[str, str], None], serving._events(job, admitted, sink))
@@ -165,8 +174,7 @@ class ServingExecutor:
             async for sse in events:
                 await report.event(sse.get("event", "message"), sse["data"])
         if sink.error is not None:
-            message, code = sink.error
-            raise JobRetry(message) if code in RETRYABLE_CODES else JobFailed(message, code)
+            raise _failure(*sink.error)
         response = await serving.render(job, sink.outcomes)
         return bytes(response.body)
 
