@@ -52,7 +52,7 @@ def test_any_otherlast_event_id_is_a_400(raw):
         return  # not sendable as a header
     with pytest.raises(APIError) as err:
         last_event_id(request_with(("Last-Event-ID", raw)))
-    assert err.value.status == 400 and err.value.code == "invalidlast_event_id"
+    assert err.value.status == 400 and err.value.code == "invalid_last_event_id"
 
 
 def test_nolast_event_id_starts_at_the_beginning():

@@ -85,7 +85,7 @@ def last_event_id(request: Request) -> int:
         return 0
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         raise bad_request("Last-Event-ID must be the id of an event of this job (a non-negative integer)",
-                          "invalidlast_event_id", "Last-Event-ID")
+                          "invalid_last_event_id", "Last-Event-ID")
     return int(raw)
 
 
