@@ -85,15 +85,15 @@ class InstantExecutor:
 
 async def store_rate(url: str, jobs: int, workdir: Path) -> dict:
     stores = [await open_store(url, workdir / f"r{i}", workdir / "results") for i in range(2)]
-    for start in range(0, jobs, 500):
-        await asyncio.gather(*(stores[0].submit(NewJob("t2i", b"{}")) for _ in range(min(500, jobs - start))))
+    for start in range(0, jobs, 50):
+        await asyncio.gather(*(stores[0].submit(NewJob("t2i", b"{}")) for _ in range(min(50, jobs - start))))
     workers = [JobWorker(s, InstantExecutor(8), WorkerConfig(owner=f"replica-{i}", poll=0.01, lease=30))
                for i, s in enumerate(stores)]
     t = time.perf_counter()
     for w in workers:
         await w.start()
     while (await stores[0].counts())["succeeded"] < jobs:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
     seconds = time.perf_counter() - t
     for w in workers:
         await w.stop()

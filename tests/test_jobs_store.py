@@ -238,6 +238,19 @@ def test_listing_filters_by_status_and_pages_newest_first(store_url, tmp_path):
     run(scenario())
 
 
+def test_processes_opening_one_new_sqlite_store_together_all_succeed(tmp_path):
+    async def scenario():
+        stores = await asyncio.gather(*(opened(None, tmp_path) for _ in range(4)))
+        try:
+            job = await stores[0].submit(NewJob("t2i", b"{}"))
+            assert (await stores[3].get(job.id)).status == "queued"
+        finally:
+            for s in stores:
+                await s.close()
+
+    run(scenario())
+
+
 def test_a_store_from_a_newer_version_is_refused(tmp_path):
     async def scenario():
         s = await opened(None, tmp_path)

@@ -45,6 +45,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -53,6 +54,9 @@ FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
 #: The schema this code reads and writes; a store written by a newer version is refused.
 SCHEMA_VERSION = 1
+
+#: Tries to create or check the schema (processes starting together on one SQLite file may collide).
+OPEN_ATTEMPTS = 5
 
 #: Queued jobs a claim looks past one that needs more slots than are free (OpenAI's ``n``).
 CLAIM_LOOKAHEAD = 8
@@ -195,6 +199,16 @@ class JobStore:
     # ---- schema ----------------------------------------------------------------------------------
     async def open(self) -> None:
         self.results_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                await self._create_or_check_schema()
+                return
+            except OperationalError:  # SQLite: another process was creating the same file's tables
+                if self.is_postgres or attempt == OPEN_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _create_or_check_schema(self) -> None:
         async with self.engine.begin() as conn:
             if self.is_postgres:  # replicas starting together create the schema one at a time
                 await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(3535353535)")
