@@ -358,6 +358,32 @@ def test_a_job_its_replica_could_not_finish_is_queued_again(store_url, tmp_path,
     run(scenario())
 
 
+def test_a_job_launched_while_leases_are_renewed_is_not_taken_for_lost(tmp_path):
+    """The renewal answers for the jobs it was asked about; one claimed meanwhile is not 'no longer held'."""
+    async def scenario():
+        s = await opened(None, tmp_path)
+        w = JobWorker(s, FakeExecutor(slots=1), WorkerConfig(owner="w1"))
+        try:
+            job = await s.submit(NewJob("t2i", b'{"block": true}'))
+            renew = s.renew
+
+            async def renew_while_a_claim_lands(owner, ids, lease, now=None):
+                held = await renew(owner, ids, lease, now)
+                await w.claim_once()  # launched after the renewal read its ids, before it answered
+                return held
+
+            s.renew = renew_while_a_claim_lands  # type: ignore[method-assign]
+            await w.housekeeping_once()
+            launched = w.running[job.id].task
+            await asyncio.sleep(0.05)
+            assert not launched.cancelled() and not launched.done()
+        finally:
+            await w.stop()
+            await s.close()
+
+    run(scenario())
+
+
 def test_canceling_a_running_job_stops_its_run(store_url, tmp_path):
     async def scenario():
         s = await opened(store_url, tmp_path)

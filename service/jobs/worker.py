@@ -51,6 +51,7 @@ class JobReporter:
         self.seq = first_seq
         self.progress: dict[str, int] = {"images": 0, "rows": 0}
         self.admitted = asyncio.Event()  # set once the job holds its admission slots
+        self.finishing = False  # its result or failure is being written: never cancel it then
 
     async def event(self, name: str, data: str) -> None:
         ev = JobEvent(self.seq, name, data)
@@ -185,9 +186,11 @@ class JobWorker:
         owner = self.config.owner
         try:
             body = await self.executor.run(job, reporter)
-            done = await self.store.complete(job.id, owner, body)
+            reporter.finishing = True  # shielded: a cancel now must not cut the completing transaction
+            done = await asyncio.shield(self.store.complete(job.id, owner, body))
         except JobFailed as exc:
-            done = await self.store.fail(job.id, owner, exc.message, exc.code)
+            reporter.finishing = True
+            done = await asyncio.shield(self.store.fail(job.id, owner, exc.message, exc.code))
         except JobLost:
             done = False
         except JobRetry as exc:
@@ -243,9 +246,11 @@ class JobWorker:
     # ---- leases, expiry, metrics -------------------------------------------------------------------
     async def housekeeping_once(self) -> None:
         cfg = self.config
-        held = await self.store.renew(cfg.owner, list(self.running), cfg.lease)
-        for job_id, r in list(self.running.items()):
-            if job_id not in held and not r.task.done():
+        asked = dict(self.running)  # jobs launched while the renewal runs were not asked about
+        held = await self.store.renew(cfg.owner, list(asked), cfg.lease)
+        for job_id, r in asked.items():
+            # a job finishing now is no longer "running" in the store, but it is not lost either
+            if job_id not in held and not r.task.done() and not r.reporter.finishing:
                 logger.warning("job %s is no longer held by %s (canceled or taken over): stopping it", job_id, cfg.owner)
                 r.task.cancel()
         requeued, failed = await self.store.expire_leases(cfg.max_attempts)
