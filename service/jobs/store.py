@@ -466,9 +466,11 @@ class JobStore:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     """WAL lets readers (pollers of /events) work while the worker writes; a busy timeout makes
-    concurrent writers wait instead of failing."""
+    concurrent writers wait instead of failing. ``synchronous=NORMAL`` (safe with WAL: a killed process
+    loses nothing, only a power cut may lose the last commits) spares an fsync per event written."""
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
