@@ -15,7 +15,7 @@ CHECK_TOOLS ?= ruff==0.17.6 mypy==2.4.1
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-jobs proto clean
+.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-flashar bench-jobs proto clean
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,9 @@ bench-vq: install
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
+
+bench-flashar: install
+	VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python bench/flashar.py
 
 # durable jobs: the job path's overhead vs the synchronous route, and the PostgreSQL store's claim rate
 bench-jobs: install postgresql

@@ -13,8 +13,9 @@ def _make_tiny(argv: list[str]) -> int:
     parser.add_argument("out_dir", help="folder to write model/, tokenizer/ and vq/ into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
+    parser.add_argument("--flashar", action="store_true", help="also write flashar/, a tiny FlashAR checkpoint")
     args = parser.parse_args(argv)
-    out = make_tiny(args.out_dir, seed=args.seed, force=args.force)
+    out = make_tiny(args.out_dir, seed=args.seed, force=args.force, flashar=args.flashar)
     print(out)
     return 0
 
@@ -33,10 +34,12 @@ def _demo_settings(settings):
     import logging
     import time
 
-    from service.tiny.make import ensure_tiny
+    from service.tiny.make import ensure_tiny, ensure_tiny_flashar
 
     started = time.monotonic()
     tiny = ensure_tiny()
+    if settings.flashar:
+        ensure_tiny_flashar(tiny)
     logging.getLogger("service.server").info("demo: tiny checkpoints in %s (%.1f s)", tiny, time.monotonic() - started)
     return settings.with_demo_defaults(tiny)
 

@@ -95,14 +95,30 @@ class GenerationRequest:
         return self.uncond_prompt is not None and self.cfg_scale != 1.0
 
 
+#: What a checkpoint is: plain Emu3.5 (autoregressive) or a FlashAR post-training (anti-diagonal T2I).
+ModelKind = Literal["emu3.5", "flashar"]
+
+
 @dataclass(frozen=True)
 class TokenDelta:
     """Tokens the cond sequence produced since the last delta. ``finish_reason`` is set on the last one:
-    ``"stop"`` (a stop token, included in ``token_ids``), ``"length"`` (max_new_tokens) or ``"abort"``."""
+    ``"stop"`` (a stop token, included in ``token_ids``), ``"length"`` (max_new_tokens) or ``"abort"``.
+    ``decode_steps``: the forward passes whose logits chose these tokens; None means one per token (an
+    autoregressive engine), FlashAR says 1 per diagonal however many tokens it streams."""
 
     token_ids: list[int]
     finish_reason: str | None = None
     step_seconds: float = 0.0
+    decode_steps: int | None = None
+    #: an engine that draws an image out of order (FlashAR, by anti-diagonal): the cells drawn in this
+    #: step as ``(r·W + c, token id)``, and ``(diagonals done, diagonals in all)``; the tokens above still
+    #: come in Emu3.5's order, as rows complete
+    cells: tuple[tuple[int, int], ...] = ()
+    diagonals: tuple[int, int] | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.token_ids) if self.decode_steps is None else self.decode_steps
 
     @property
     def finished(self) -> bool:

@@ -218,6 +218,7 @@ def test_t2i_json_and_record_file(http):
     (image,) = body["images"]
     assert (image["width"], image["height"]) == (128, 128) and decode_png(image["b64_json"]).size == (128, 128)
     assert body["usage"]["visual_tokens"] == 64
+    assert body["timings"]["decode_steps"] == 77  # one per generated token (header, 8 rows of 8 + EOL/EOI)
     story = _story(body["record"])
     assert story.question == "a blue bird sits on a tree" and story.story_id == body["id"]
     imgs = [m for c in story.clips for s in c.segments for m in s.images]
@@ -446,7 +447,7 @@ def test_service_still_answers_after_bad_requests(http):
 
 def test_health_and_ready_need_no_key(server):
     assert httpx.get(server.url + "/health").status_code == 200
-    assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
+    assert httpx.get(server.url + "/ready").json() == {"status": "ready", "model_kind": "emu3.5"}
     assert httpx.head(server.url + "/health").status_code == httpx.head(server.url + "/ready").status_code == 200
     r = httpx.get(server.url + "/v1/models")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"

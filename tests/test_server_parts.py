@@ -303,6 +303,7 @@ def test_runner_streams_a_t2i_image_and_builds_its_record(runner):
     (image,) = [e.image for e in events if isinstance(e, ImageReady)]
     assert image.size == (128, 128) and out.images == [image]
     assert out.finish_reason == "stop" and out.usage.visual_tokens == 64 and out.usage.completion_tokens == 77
+    assert out.decode_steps == 77  # autoregressive: one forward per token, the prefill choosing the first
     story = story_pb2.Story()
     story.ParseFromString(out.record)
     assert story.question == "a cat" and story.story_id == "unit-t2i"
@@ -645,7 +646,7 @@ def test_ready_tells_why_it_failed_only_to_the_key_holder(api_key, headers, show
 
     ready = asyncio.run(get("/ready"))
     assert ready.status_code == 503
-    expected = {"status": "failed"}
+    expected = {"status": "failed", "model_kind": "emu3.5"}  # the kind is no secret: it comes from the config
     if shows_error:
         expected["error"] = runtime.error
     assert ready.json() == expected

@@ -19,7 +19,14 @@ from service.task.events import (
 )
 from service.task.planner import GenerationOptions, Plan, PlanError, build_request, plan_request, resolve
 from service.task.previews import PreviewSchedule
-from service.task.resources import CheckpointError, build_engine, check_model, load_tokenizer, start_vq_worker
+from service.task.resources import (
+    CheckpointError,
+    build_engine,
+    check_model,
+    load_tokenizer,
+    model_kind,
+    start_vq_worker,
+)
 from service.task.runner import AnswerBuilder, GenerationInput, GenerationRunner, ImageCodecAsync, Prepared
 from service.tokenizer import Emu35Tokenizer
 from service.types import EngineStats, SamplingOverride, SamplingSettings
@@ -55,6 +62,7 @@ __all__ = [
     "build_request",
     "check_model",
     "load_tokenizer",
+    "model_kind",
     "plan_request",
     "resolve",
     "start_vq_worker",

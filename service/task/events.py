@@ -39,6 +39,8 @@ class ImageProgress(RunEvent):
     rows: int
     total_rows: int
     preview: Image.Image | None = None
+    diagonals: int | None = None  # FlashAR: anti-diagonals drawn (the image fills in from its top-left corner)
+    total_diagonals: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class Outcome:
     time_to_first_token: float | None
     seconds: float
     image_seconds: list[float] = field(default_factory=list)
+    #: forward passes whose logits chose this answer's tokens (AR: one per token; FlashAR: H+W−1 per image)
+    decode_steps: int = 0
 
 
 @dataclass(frozen=True)

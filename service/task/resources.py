@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from service.engine.protocol import AsyncEngine
 from service.lm_checkpoint import CheckpointError
 from service.tokenizer import Emu35Tokenizer
+from service.types import ModelKind
 
 if TYPE_CHECKING:
     from service.vq.worker import VqWorker
@@ -28,6 +29,7 @@ class ResourceSettings(Protocol):
     max_model_len: int | None
     gpu_memory_utilization: float
     max_concurrent: int
+    engine: str
     quantization: str | None
     enforce_eager: bool
 
@@ -52,12 +54,27 @@ def load_tokenizer(s: ResourceSettings) -> Emu35Tokenizer:
     return Emu35Tokenizer.from_dir(s.tokenizer_dir)
 
 
+def model_kind(s: ResourceSettings) -> ModelKind:
+    """``flashar`` when ``--model`` is a FlashAR checkpoint (its config says so), else ``emu3.5``."""
+    from service.engine.flashar.checkpoint import is_flashar_checkpoint
+
+    return "flashar" if s.model is not None and is_flashar_checkpoint(s.model) else "emu3.5"
+
+
 def check_model(s: ResourceSettings) -> None:
-    """Refuse, before anything starts, a W8A8 checkpoint that is inconsistent (the message names the
-    tensor) or that the chosen engine cannot serve. Raises ``CheckpointError``."""
+    """Refuse, before anything starts, a checkpoint that is inconsistent (a W8A8 or FlashAR one: the
+    message names the tensor) or that the chosen engine cannot serve. Raises ``CheckpointError``."""
     from service.quant.serving import check_w8a8
 
     if s.model is None:  # the settings refuse this; nothing to check
+        return
+    if model_kind(s) == "flashar":
+        from service.engine.flashar.checkpoint import check_flashar_checkpoint
+
+        if s.engine == "vllm":
+            raise CheckpointError(f"{s.model} is a FlashAR checkpoint: it runs on its own engine, not vllm "
+                                  f"(leave --engine at auto)")
+        check_flashar_checkpoint(s.model)
         return
     if check_w8a8(s.model, s.quantization) is not None and s.engine_kind != "vllm":
         raise CheckpointError(f"{s.model} is an msModelSlim W8A8 checkpoint: it needs the vllm engine "
@@ -66,7 +83,12 @@ def check_model(s: ResourceSettings) -> None:
 
 def build_engine(s: ResourceSettings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
     """The engine the settings ask for (not started). An msModelSlim W8A8 checkpoint is served with
-    ``quantization="ascend"`` where vllm-ascend is installed, else in its compressed-tensors form."""
+    ``quantization="ascend"`` where vllm-ascend is installed, else in its compressed-tensors form. A
+    FlashAR checkpoint gets the FlashAR engine whatever ``engine`` says (``check_model`` refused vllm)."""
+    if model_kind(s) == "flashar":
+        from service.engine.flashar.async_engine import AsyncFlashAREngine
+
+        return AsyncFlashAREngine(s.model, tokenizer, s.resolved_device, s.dtype, s.max_model_len, s.max_concurrent)
     if s.engine_kind == "vllm":
         from service.engine.config import VllmEngineConfig
         from service.engine.vllm_engine import VllmEngine

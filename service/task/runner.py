@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncGenerator, AsyncIterator, Protocol, Sequence
 
 import numpy as np
@@ -59,7 +59,10 @@ from service.token_layout import (
     TextSegment,
 )
 from service.tokenizer import Emu35Tokenizer
-from service.types import GenerationRequest
+from service.types import GenerationRequest, ModelKind
+
+#: The size a FlashAR checkpoint draws when the client names none: its trained grid, 32×32 tokens.
+FLASHAR_DEFAULT_SIZE = "512x512"
 
 #: zlib level of the one PNG each generated image gets: the images are the product, and a response
 #: waits for the encoder, so speed wins over a few per cent of size.
@@ -145,20 +148,36 @@ class _Run:
     preview_rows: dict[int, tuple[int, ...]] = field(default_factory=dict)
     ttft: float | None = None
     reason: str = "abort"
+    decode_steps: int = 0
+    canvas: np.ndarray | None = None  # FlashAR: the ids drawn so far of the current image (−1: not yet)
 
 
 class GenerationRunner:
     """Runs generations on one engine and one VQ worker."""
 
     def __init__(self, engine: AsyncEngine, vq: ImageCodecAsync, tokenizer: Emu35Tokenizer,
-                 image_area: int | None = None) -> None:
+                 image_area: int | None = None, kind: ModelKind = "emu3.5") -> None:
         self.engine = engine
         self.vq = vq
         self.tok = tokenizer
         self.image_area = image_area  # a service-wide override of every task's default image area
+        self.kind = kind  # a FlashAR checkpoint draws T2I only, by default at its trained grid
+
+    def _flashar_input(self, gen: GenerationInput) -> GenerationInput:
+        """What a FlashAR checkpoint can do, checked before any work: text to one image, no reference
+        images; the default size is the trained 32×32 grid."""
+        if gen.task is not Task.T2I or gen.images:
+            what = "reference images" if gen.images else f"the {gen.task.value} task"
+            raise PlanError(f"this service runs a FlashAR checkpoint, which draws text-to-image only: {what} "
+                            f"cannot be served", "images" if gen.images else "task")
+        if gen.options.size is None or gen.options.size.strip() == "auto":
+            return replace(gen, options=replace(gen.options, size=FLASHAR_DEFAULT_SIZE, fit_size_to_area=False))
+        return gen
 
     async def prepare(self, gen: GenerationInput, request_id: str) -> Prepared:
         """Plan, encode the reference images and check the engine can run it; raise :class:`PlanError`."""
+        if self.kind == "flashar":
+            gen = self._flashar_input(gen)
         check_reference_count(len(gen.images))
         plan = resolve(gen.task, gen.options, self.image_area)
         check_reference_tokens([im.size for im in gen.images], plan, self.vq.downsample, self.engine.max_model_len)
@@ -184,14 +203,23 @@ class GenerationRunner:
                 if delta.token_ids and run.ttft is None:
                     run.ttft = time.perf_counter() - run.started
                 run.ids += delta.token_ids
+                run.decode_steps += delta.steps
                 events = parser.feed(delta.token_ids) if delta.token_ids else []
                 if delta.finished:
                     run.reason = delta.finish_reason or "abort"
                     if not parser.ended:
                         events += parser.finish()
+                # a diagonal's progress goes after its image's start and before its finished image
+                late = delta.diagonals is not None and not run.grids
+                if delta.diagonals is not None and not late:
+                    async for progress in self._diagonal_progress(run, delta.cells, delta.diagonals):
+                        yield progress
                 for ev in events:
                     async for out in self._on_parsed(run, ev):
                         yield out
+                if late:
+                    async for progress in self._diagonal_progress(run, delta.cells, delta.diagonals):
+                        yield progress
                 if delta.finished:
                     break
         finally:
@@ -212,6 +240,8 @@ class GenerationRunner:
             run.preview_rows[ev.index] = run.previews.rows(ev.height) if run.previews else ()
             yield ImageStart(ev.index, ev.width * f, ev.height * f)
         elif isinstance(ev, ImageRows):
+            if self.kind == "flashar":  # progress comes per diagonal (see _diagonal_progress)
+                return
             async for progress in self._progress(run, ev):
                 yield progress
         elif isinstance(ev, ImageDone):
@@ -242,6 +272,31 @@ class GenerationRunner:
         if not due or due[-1] != ev.rows_done:
             yield ImageProgress(ev.index, ev.rows_done, total, None)
 
+    async def _diagonal_progress(self, run: _Run, cells: tuple[tuple[int, int], ...],
+                                 diagonals: tuple[int, int] | None) -> AsyncIterator[ImageProgress]:
+        """FlashAR's progress, one event per diagonal drawn: the image fills in from its top-left corner.
+        A preview (at the diagonals the schedule names) decodes the grid with the cells not drawn yet
+        set to code 0, then greys them out, so it shows exactly what is drawn."""
+        if not run.grids or diagonals is None:
+            return
+        index = max(run.grids)
+        height, width = run.grids[index]
+        if run.canvas is None or run.canvas.shape != (height, width):
+            run.canvas = np.full((height, width), -1, dtype=np.int64)
+        flat = run.canvas.reshape(-1)
+        for q, token in cells:
+            flat[q] = token - self.tok.ids.first_visual
+        done, total = diagonals
+        if done >= total:  # the finished image follows at once
+            return
+        preview = None
+        if run.previews is not None and done in run.previews.rows(total):
+            drawn = run.canvas >= 0
+            (image,) = await self.vq.decode([np.where(drawn, run.canvas, 0)], preview=True)
+            preview = _grey_out(image, drawn, run.downsample)
+        rows = int(drawn_rows(run.canvas))
+        yield ImageProgress(index, rows, height, preview, done, total)
+
     async def _outcome(self, run: _Run) -> Outcome:
         gen, req = run.prepared.input, run.prepared.request
         first_visual = self.tok.ids.first_visual
@@ -254,4 +309,22 @@ class GenerationRunner:
                                         req.request_id)
         return Outcome(req.request_id, gen.task, answer.images, answer.pngs, answer.parts, "".join(answer.text),
                        story.SerializeToString(), usage, run.reason, run.ttft, time.perf_counter() - run.started,
-                       run.image_seconds)
+                       run.image_seconds, run.decode_steps)
+
+
+#: Grey of the cells a partial image has not drawn yet (the VQ's zero point, as the OpenAI partials use).
+BLANK = 127
+
+
+def drawn_rows(canvas: np.ndarray) -> int:
+    """Complete rows at the top of ``canvas`` (−1 marks a cell not drawn yet)."""
+    complete = (canvas >= 0).all(axis=1)
+    return int(complete.argmin()) if not complete.all() else canvas.shape[0]
+
+
+def _grey_out(image: Image.Image, drawn: np.ndarray, downsample: int) -> Image.Image:
+    """``image`` with the pixels of undrawn cells set to :data:`BLANK`."""
+    pixels = np.asarray(image.convert("RGB")).copy()
+    mask = np.repeat(np.repeat(~drawn, downsample, axis=0), downsample, axis=1)
+    pixels[mask[: pixels.shape[0], : pixels.shape[1]]] = BLANK
+    return Image.fromarray(pixels)

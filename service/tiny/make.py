@@ -1,7 +1,8 @@
 """``make-tiny``: build (once, cached) the tiny model, tokenizer and VQ checkpoints used by tests and the demo.
 
 Layout of ``OUT_DIR``: ``model/`` (Emu3 config.json + safetensors + generation_config.json),
-``tokenizer/`` (upstream file layout), ``vq/`` (config.yaml + model.ckpt) and ``manifest.json``, which
+``tokenizer/`` (upstream file layout), ``vq/`` (config.yaml + model.ckpt), with ``flashar=True`` also
+``flashar/`` (a FlashAR checkpoint made from ``model/``), and ``manifest.json``, which
 records the seed and the maker's version. A folder whose manifest matches is reused as it is, so the
 first test session pays the build (well under two minutes) and later ones pay nothing.
 """
@@ -53,8 +54,13 @@ def atomic_folder(out_dir: Path, prefix: str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Write the tiny checkpoints into ``out_dir`` (atomically: built in a sibling temp dir, then renamed)."""
+def make_tiny(out_dir: str | Path, seed: int = 0, force: bool = False, flashar: bool = False) -> Path:
+    """Write the tiny checkpoints into ``out_dir`` (atomically: built in a sibling temp dir, then renamed);
+    ``flashar`` adds ``out_dir/flashar/`` (see :func:`ensure_tiny_flashar`)."""
+    if flashar:
+        make_tiny(out_dir, seed, force)
+        ensure_tiny_flashar(Path(out_dir), seed, force)
+        return Path(out_dir)
     from service.tiny.lm import write_tiny_lm
     from service.tiny.tokenizer_files import write_tokenizer
     from service.tiny.vq import make_tiny_vq
@@ -76,3 +82,16 @@ def make_tiny(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
 def ensure_tiny(seed: int = 0) -> Path:
     """The cached tiny checkpoints, built on first use."""
     return make_tiny(default_cache_dir(), seed=seed)
+
+
+def ensure_tiny_flashar(out_dir: Path, seed: int = 0, force: bool = False) -> Path:
+    """``out_dir/flashar/``: the tiny FlashAR checkpoint, made from ``out_dir/model`` once (it is rebuilt
+    with the tiny model, whose manifest it copies)."""
+    from service.tiny.flashar import write_tiny_flashar
+
+    target = out_dir / "flashar"
+    if force or not is_complete(target, seed):
+        with atomic_folder(target, ".tiny-flashar-") as tmp:
+            write_tiny_flashar(out_dir / "model", tmp, seed=seed)
+            (tmp / MANIFEST).write_text(json.dumps({"version": TINY_VERSION, "seed": seed}, indent=2) + "\n")
+    return target

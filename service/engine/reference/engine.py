@@ -53,11 +53,17 @@ def load_qwen3_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dt
 class ReferenceEngine:
     """Synchronous, one request at a time; good for tests, tools and machines without vLLM."""
 
-    def __init__(self, model_dir: str | Path, tokenizer: Emu35Tokenizer, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: str | Path | None, tokenizer: Emu35Tokenizer, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, model=None, config: Emu3Config | None = None):
+        """Load ``model_dir``; or, with ``model_dir=None``, serve an already built ``model`` / ``config``
+        (the FlashAR benchmark's random model of the real width)."""
         self.tok = tokenizer
         self.device = torch.device(device)
-        self.model, self.config = load_qwen3_model(model_dir, device, dtype)
+        if model_dir is not None:
+            self.model, self.config = load_qwen3_model(model_dir, device, dtype)
+        else:
+            assert model is not None and config is not None
+            self.model, self.config = model.eval(), config
         self.tables = VocabTables.from_tokenizer(tokenizer, self.device)
         self._fallback = torch.Generator(self.device).manual_seed(torch.seed() % (2**63))
         # transformers 5 renamed the KV-cache argument and output field ``past_key_values`` → ``cache``

@@ -57,6 +57,8 @@ class ServiceStatus(BaseModel):
     status: Literal["ok", "ready", "loading", "failed", "draining", "stopped", "dead"]
     error: str | None = Field(None, description="why the start failed or the engine died; only to a caller "
                                                 "with the API key when one is set (it may name files)")
+    model_kind: Literal["emu3.5", "flashar"] | None = Field(
+        None, description="on /ready: the kind of checkpoint served (flashar: anti-diagonal text-to-image only)")
 
 
 class ErrorDetail(BaseModel):
@@ -75,6 +77,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "emu35-serve"
+    model_kind: Literal["emu3.5", "flashar"] = Field(
+        "emu3.5", description="emu3.5: every task, autoregressive; flashar: text-to-image in H+W−1 steps")
 
 
 class ModelList(BaseModel):

@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     engine: Literal["auto", "vllm", "reference"] = Field(
         "auto", description="vllm (default when installed) or the reference engine (transformers)")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size (NPUs/GPUs)")
-    device: str = Field("auto", description="reference engine device: cpu, cuda:N, npu:N (auto: best present)")
+    device: str = Field("auto", description="reference/FlashAR engine device: cpu, cuda:N, npu:N (auto: best present); "
+                                            "FlashAR also takes a list, npu:0,npu:1, and splits its layers across it")
     vq_device: str = Field("auto", description="VQ worker device (auto: npu:0 with torch_npu, else cuda:0, else cpu)")
     dtype: str = Field("auto", description="weights dtype: auto, bfloat16, float16, float32")
     max_model_len: int | None = Field(None, ge=64, description="context length (default: the model's)")
@@ -130,6 +131,7 @@ class Settings(BaseSettings):
                                           "empty: webhooks are refused")
 
     demo: bool = Field(False, description="serve the built-in tiny model on CPU (built once, cached)")
+    flashar: bool = Field(False, description="with --demo: serve the tiny FlashAR checkpoint (text-to-image only)")
 
     @model_validator(mode="after")
     def _need_a_model(self) -> "Settings":
@@ -145,7 +147,7 @@ class Settings(BaseSettings):
         given = self.model_fields_set
         update: dict = {}
         if "model" not in given:
-            update["model"] = tiny_dir / "model"
+            update["model"] = tiny_dir / ("flashar" if self.flashar else "model")
         if "vq_model" not in given:
             update["vq_model"] = tiny_dir / "vq"
         if "tokenizer" not in given:

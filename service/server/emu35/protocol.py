@@ -142,6 +142,9 @@ class UsageData(BaseModel):
 class Timings(BaseModel):
     seconds: float
     time_to_first_token: float | None = Field(None, description="absent when nothing was generated")
+    decode_steps: int = Field(0, description="forward passes whose logits chose this answer's tokens (the prefill "
+                                             "counted when it chose the first): one per token on the "
+                                             "autoregressive engines, H+W−1 per H×W image on FlashAR")
 
 
 class GenerationResponse(BaseModel):
@@ -178,7 +181,10 @@ class ImageProgressData(BaseModel):
     index: int
     rows: int
     total_rows: int
-    b64_json: str | None = Field(None, description="a PNG of the rows drawn so far, at the preview rows only")
+    b64_json: str | None = Field(None, description="a PNG of the rows drawn so far, at the preview rows only "
+                                                   "(FlashAR: of the diagonals drawn so far, the rest grey)")
+    diagonals: int | None = Field(None, description="FlashAR only: anti-diagonals drawn (an H×W image has H+W−1)")
+    total_diagonals: int | None = None
 
 
 class StreamImageData(ImageData):

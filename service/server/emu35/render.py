@@ -38,7 +38,8 @@ def _usage(out: Outcome) -> UsageData:
 
 
 def _timings(out: Outcome) -> Timings:
-    return Timings(seconds=round(out.seconds, 4), time_to_first_token=out.time_to_first_token)
+    return Timings(seconds=round(out.seconds, 4), time_to_first_token=out.time_to_first_token,
+                   decode_steps=out.decode_steps)
 
 
 def generation_body(out: Outcome, model: str, created: int) -> dict[str, Any]:
@@ -80,7 +81,8 @@ def sse_message(ev: Any) -> dict[str, str]:
     if isinstance(ev, ImageProgress):
         preview = None if ev.preview is None else b64(encode_image(ev.preview, "png"))
         return event("image_progress", ImageProgressData(index=ev.index, rows=ev.rows, total_rows=ev.total_rows,
-                                                         b64_json=preview))
+                                                         b64_json=preview, diagonals=ev.diagonals,
+                                                         total_diagonals=ev.total_diagonals))
     if isinstance(ev, ImageReady):
         return event("image", StreamImageData(index=ev.index, b64_json=b64(ev.png), width=ev.image.width,
                                               height=ev.image.height))

@@ -39,7 +39,7 @@ async def health(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
                        503: {"model": ServiceStatus, "description": "loading, failed, draining or dead"}})
 async def ready(runtime: Runtime = Depends(get_runtime), trusted: bool = Depends(optional_api_key)) -> JSONResponse:
     ok = await runtime.ready()
-    body: dict[str, Any] = {"status": "ready" if ok else runtime.state}
+    body: dict[str, Any] = {"status": "ready" if ok else runtime.state, "model_kind": runtime.model_kind}
     if runtime.error and trusted:
         body["error"] = runtime.error
     return JSONResponse(body, status_code=200 if ok else 503)
@@ -55,7 +55,8 @@ async def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
 
 @v1.get("/models", response_model=ModelList, tags=["openai"])
 async def models(runtime: Runtime = Depends(get_runtime)) -> ModelList:
-    return ModelList(data=[ModelCard(id=runtime.settings.served_model_name, created=int(runtime.started_at))])
+    return ModelList(data=[ModelCard(id=runtime.settings.served_model_name, created=int(runtime.started_at),
+                                     model_kind=runtime.model_kind)])
 
 
 @v1.get("/records/{record_id}", tags=["emu3.5"], summary="a finished generation's .pb record",

@@ -353,6 +353,7 @@ class ResultView {
     const parts = [`Done in ${timings.seconds.toFixed(2)} s`];
     if (timings.time_to_first_token != null) parts.push(`first token after ${timings.time_to_first_token.toFixed(2)} s`);
     if (usage) parts.push(`${usage.completion_tokens} tokens (${usage.visual_tokens} visual)`);
+    if (timings.decode_steps) parts.push(`${timings.decode_steps} decode steps`);
     if (reason && reason !== "stop") parts.push(`finish: ${reason}`);
     this.status.textContent = parts.join(" · ");
     this.offerRecord(id, record);
