@@ -570,6 +570,8 @@ def test_a_full_service_answers_429_before_decoding_any_upload():
     costs a second of CPU and half a gigabyte to decode)."""
     from types import SimpleNamespace
 
+    from starlette.requests import Request
+
     from service.server.emu35.serving import ServingGeneration
 
     limiter = AdmissionLimiter(slots=1, queue=0)
@@ -582,7 +584,7 @@ def test_a_full_service_answers_429_before_decoding_any_upload():
         await limiter.acquire()  # the only slot is taken, the queue holds nothing
         serving = NeverDecodes(SimpleNamespace(state="ready", limiter=limiter))
         with pytest.raises(APIError) as err:
-            await serving.create("x2i", None, None, [b"big png"], None)
+            await serving.create("x2i", None, None, [b"big png"], Request({"type": "http", "headers": []}))
         return err.value
 
     err = asyncio.run(go())

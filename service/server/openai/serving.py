@@ -21,7 +21,7 @@ from service.prompts import Task
 from service.server.core.errors import APIError, bad_request
 from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
 from service.server.openai.mapping import DEFAULT_COMPRESSION, OpenAIOutput, quality_preset, size_spec
-from service.server.openai.protocol import OpenAIImageParams
+from service.server.openai.protocol import OpenAIImageEditParams, OpenAIImageParams
 from service.server.openai.render import OpenAIStreamRenderer, openai_error_event, openai_images_body
 from service.task import GenerationInput, GenerationOptions, Outcome, PreviewSchedule
 
@@ -53,6 +53,8 @@ class OpenAIJob:
 
 
 class ServingOpenAIImages(ServingBase):
+    job_params = {"images_generations": OpenAIImageParams, "images_edits": OpenAIImageEditParams}
+
     def _check(self, endpoint: str, p: OpenAIImageParams) -> tuple[str, ...]:
         """Refuse what cannot be honoured; return the unknown fields (accepted, ignored, logged)."""
         name = self.rt.settings.served_model_name
