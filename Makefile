@@ -15,7 +15,7 @@ CHECK_TOOLS ?= ruff==0.17.6 mypy==2.4.1
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser demo bench-vq bench-engine bench-flashar proto clean
+.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-flashar bench-jobs proto clean
 
 install: $(VENV)/.installed
 
@@ -48,7 +48,7 @@ install-vllm011: $(VENV011)/.installed
 $(VENV011)/.installed: pyproject.toml scripts/build-vllm011-env.sh tests/vllm011_platform/pyproject.toml
 	bash scripts/build-vllm011-env.sh $(VENV011)
 
-test: install browser install-vllm011
+test: install browser postgresql install-vllm011
 	$(MAKE) --no-print-directory test-vllm032
 	$(MAKE) --no-print-directory test-vllm011
 
@@ -64,6 +64,10 @@ test-vllm011: install-vllm011
 browser:
 	bash scripts/install-browser.sh
 
+# Debian's PostgreSQL server for the job-store tests (each test starts and stops its own cluster)
+postgresql:
+	bash scripts/install-postgresql.sh
+
 demo: install
 	$(BIN)/python -m service serve --demo
 
@@ -75,6 +79,10 @@ bench-engine: install
 
 bench-flashar: install
 	VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python bench/flashar.py
+
+# durable jobs: the job path's overhead vs the synchronous route, and the PostgreSQL store's claim rate
+bench-jobs: install postgresql
+	$(BIN)/python bench/jobs.py
 
 proto: install
 	$(BIN)/python scripts/gen_proto.py

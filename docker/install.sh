@@ -24,12 +24,13 @@ RECORDS_DIR=/var/lib/emu35/records
 
 # Runtime dependencies of pyproject.toml that vLLM 0.11 brings into both base images (its own
 # requirements: transformers (→ safetensors), tiktoken, protobuf, pillow, pyyaml, prometheus_client,
-# pydantic, fastapi[standard] (→ uvicorn, python-multipart), numpy; torch from the base). Checked,
+# pydantic, fastapi[standard] (→ uvicorn, python-multipart), numpy, tqdm; torch from the base). Checked,
 # never installed.
 BASE_DEPS=(torch numpy tiktoken safetensors pyyaml pillow protobuf transformers fastapi uvicorn
-           pydantic prometheus-client python-multipart)
+           pydantic prometheus-client python-multipart tqdm)
 # ... and the ones vLLM 0.11 does not require, installed here (same lower bounds as pyproject.toml).
-EXTRA_DEPS=("pydantic-settings>=2.10" "sse-starlette>=2.1" "imageio-ffmpeg>=0.5" "fastapi-offline>=1.7")
+EXTRA_DEPS=("pydantic-settings>=2.10" "sse-starlette>=2.1" "imageio-ffmpeg>=0.5" "fastapi-offline>=1.7"
+            "sqlalchemy[asyncio]>=2.0" "aiosqlite>=0.20" "asyncpg>=0.29" "standardwebhooks>=1.0" "httpx>=0.27")
 # The `quant` extra of pyproject.toml: msModelSlim, for `python -m service quantize` (the W8A8 Job,
 # deploy/components/w8a8-quantize). Installed the same way: base packages pinned, checked after.
 QUANT_DEPS=("msmodelslim==26.1.0")

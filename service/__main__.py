@@ -1,4 +1,5 @@
-"""Command line: ``python -m service {make-tiny,vis,serve,quantize}`` (``emu35-serve`` runs ``serve``)."""
+"""Command line: ``python -m service {make-tiny,vis,serve,generate,quantize}`` (``emu35-serve`` runs
+``serve``, ``emu35-generate`` runs ``generate``)."""
 
 from __future__ import annotations
 
@@ -50,13 +51,19 @@ def _serve(argv: list[str]) -> int:
     return serve_main(argv, prepare=_demo_settings)
 
 
+def _generate(argv: list[str]) -> int:
+    from service.batch.cli import generate_main
+
+    return generate_main(argv, prepare=_demo_settings)
+
+
 def _quantize(argv: list[str]) -> int:
     from service.quant.quantize import quantize_main
 
     return quantize_main(argv)
 
 
-COMMANDS = {"make-tiny": _make_tiny, "vis": _vis, "serve": _serve, "quantize": _quantize}
+COMMANDS = {"make-tiny": _make_tiny, "vis": _vis, "serve": _serve, "generate": _generate, "quantize": _quantize}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 def serve_entry() -> int:
     """The ``emu35-serve`` console script: ``python -m service serve`` with the same arguments."""
     return _serve(sys.argv[1:])
+
+
+def generate_entry() -> int:
+    """The ``emu35-generate`` console script: ``python -m service generate`` with the same arguments."""
+    return _generate(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -72,3 +72,12 @@ def tiny_w8a8() -> Path:
     from service.tiny.w8a8 import ensure_tiny_w8a8
 
     return ensure_tiny_w8a8()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster on loopback for the session (tests/pgcluster.py); its URL."""
+    from tests.pgcluster import postgres_cluster
+
+    with postgres_cluster() as url:
+        yield url

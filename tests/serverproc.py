@@ -29,6 +29,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        if "--state-dir" not in args:  # each test server its own job store, never the user's
+            args = [*args, "--state-dir", str(log_path.parent / f"state-{self.port}")]
         cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
         self._log = open(log_path, "wb")

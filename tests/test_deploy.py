@@ -385,8 +385,8 @@ def test_overlay_renders_valid_objects(overlay):
     objs = objects(overlay)
     kinds = sorted(o["kind"] for o in objs)
     assert kinds == sorted(["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
-                            "PersistentVolumeClaim", "PodDisruptionBudget", "PrometheusRule", "Service",
-                            "ServiceMonitor"])
+                            "PersistentVolumeClaim", "PersistentVolumeClaim", "PodDisruptionBudget",
+                            "PrometheusRule", "Service", "ServiceMonitor"])
     for obj in objs:
         if obj["kind"] in CRD_KINDS:
             check_operator_object(obj)
@@ -421,6 +421,51 @@ def test_ascend_driver_component_renders(tmp_path):
     mounts = {m["mountPath"]: m for m in container(objs)["volumeMounts"]}
     assert mounts["/usr/local/Ascend/driver"]["readOnly"] is True
     assert all(m.get("readOnly") for p, m in mounts.items() if p.startswith(("/usr/local", "/etc")))
+
+
+def test_single_replica_layout_keeps_jobs_in_sqlite_on_a_volume():
+    objs = objects("a2")
+    env = settings_env(objs)
+    assert "EMU35_JOB_STORE" not in env and env["EMU35_STATE_DIR"] == "/var/lib/emu35/state"
+    mounts = {m["name"]: m["mountPath"] for m in container(objs)["volumeMounts"]}
+    assert mounts["jobs-state"] == env["EMU35_STATE_DIR"]
+    volumes = {v["name"]: v for v in one(objs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes["jobs-state"]["persistentVolumeClaim"]["claimName"]
+    (pvc,) = [o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == claim]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert one(objs, "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 1  # one SQLite writer
+
+
+def test_postgresql_jobs_component_shares_one_queue_between_replicas(tmp_path):
+    """The component on top of an overlay: the store's URL from a Secret, a shared results volume, egress
+    to PostgreSQL, and the HPA scaling on queued jobs served by the adapter."""
+    component = DEPLOY / "components" / "postgresql-jobs"
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(DEPLOY / "overlays" / "a2", tmp_path)],
+        "components": [os.path.relpath(component, tmp_path)],
+    }))
+    objs = render(str(tmp_path))
+    for obj in objs:
+        if obj["kind"] not in CRD_KINDS:
+            validate_k8s(obj)
+    secret = yaml.safe_load((component / "secret.example.yaml").read_text())
+    validate_k8s(secret)
+    (store,) = [e for e in container(objs)["env"] if e["name"] == "EMU35_JOB_STORE"]
+    ref = store["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], next(iter(secret["stringData"])))
+    assert secret["stringData"][ref["key"]].startswith("postgresql://")
+    assert [e["name"] for e in container(objs)["env"]].count("EMU35_API_KEY") == 1  # merged, not replaced
+    pvcs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PersistentVolumeClaim"}
+    assert pvcs["emu35-jobs-state"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    hpa = one(objs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] > 1
+    external = [m["external"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "External"]
+    adapter = yaml.safe_load((DEPLOY / "monitoring" / "prometheus-adapter-rules.yaml").read_text())
+    assert external == ["queued_jobs"]
+    assert external[0] in {r["name"]["as"] for r in adapter["externalRules"]}
+    egress_ports = {p["port"] for rule in one(objs, "NetworkPolicy")["spec"]["egress"] for p in rule["ports"]}
+    assert 5432 in egress_ports
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -496,11 +541,12 @@ def test_pod_contract(overlay):
     assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
 
     # weights: a read-only claim at /models holding every model path of the settings
-    (weights_mount,) = [m for m in c["volumeMounts"] if "persistentVolumeClaim" in volumes[m["name"]]]
+    (weights_mount,) = [m for m in c["volumeMounts"] if "persistentVolumeClaim" in volumes[m["name"]]
+                        and m["name"] != "jobs-state"]  # the job store's volume: see the single-replica test
     claim = volumes[weights_mount["name"]]["persistentVolumeClaim"]
     assert weights_mount["readOnly"] is True and claim["readOnly"] is True
-    pvc = one(objs, "PersistentVolumeClaim")
-    assert pvc["metadata"]["name"] == claim["claimName"] and pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
+    (pvc,) = [o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == claim["claimName"]]
+    assert pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
     for key in ("EMU35_MODEL", "EMU35_VQ_MODEL", "EMU35_TOKENIZER"):
         assert env[key].startswith(weights_mount["mountPath"] + "/"), key
 
@@ -625,7 +671,8 @@ def test_w8a8_overlay_renders_valid_objects(overlay):
     objs = objects(overlay)
     assert sorted(o["kind"] for o in objs) == sorted(
         ["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
-         "PersistentVolumeClaim", "PodDisruptionBudget", "PrometheusRule", "Service", "ServiceMonitor"])
+         "PersistentVolumeClaim", "PersistentVolumeClaim", "PodDisruptionBudget", "PrometheusRule", "Service",
+         "ServiceMonitor"])
     for obj in objs:
         if obj["kind"] in CRD_KINDS:
             check_operator_object(obj)
@@ -664,8 +711,9 @@ def test_w8a8_job_quantises_the_model_into_the_served_folder(overlay):
     # security as the serving pods; the weights volume writable for the Job only
     assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"]
     (weights,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
-    assert weights["persistentVolumeClaim"]["claimName"] == one(objs, "PersistentVolumeClaim")["metadata"]["name"]
-    assert one(objs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    (pvc,) = [o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "emu35-weights"]
+    assert weights["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert all(m.get("readOnly") for m in container(objs)["volumeMounts"] if m["mountPath"] == "/models")
     # the Job's pods are not the service's: no Service, PDB or NetworkPolicy selects them
     labels = job["spec"]["template"]["metadata"]["labels"]

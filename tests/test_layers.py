@@ -12,7 +12,7 @@ import pytest
 
 SERVICE = Path(__file__).resolve().parents[1] / "service"
 #: What the HTTP layer may import: itself, the task package, and the shared vocabulary below it.
-HTTP_MAY_IMPORT = ("service.server", "service.task", "service.types", "service.limits", "service.prompts")
+HTTP_MAY_IMPORT = ("service.server", "service.jobs", "service.task", "service.types", "service.limits", "service.prompts")
 
 
 def imports_of(path: Path, *, runtime_only: bool) -> set[str]:
@@ -62,11 +62,13 @@ def test_an_api_family_imports_only_the_core_and_itself(family):
         assert not bad, f"{path.relative_to(SERVICE)} imports {sorted(bad)}"
 
 
-@pytest.mark.parametrize("package", ["engine", "vq", "record", "task"])
+@pytest.mark.parametrize("package", ["engine", "vq", "record", "task", "jobs", "server"])
 def test_lower_layers_never_import_upper_ones(package):
-    upper = {"engine": ("service.server", "service.task"), "vq": ("service.server", "service.task", "service.engine"),
-             "record": ("service.server", "service.task", "service.engine", "service.vq"),
-             "task": ("service.server",)}[package]
+    upper = {"engine": ("service.server", "service.task", "service.jobs"),
+             "vq": ("service.server", "service.task", "service.engine", "service.jobs"),
+             "record": ("service.server", "service.task", "service.engine", "service.vq", "service.jobs"),
+             "task": ("service.server", "service.jobs"), "jobs": ("service.server",),
+             "server": ()}[package] + ("service.batch",)  # batch: an upper layer like HTTP
     for path in sorted((SERVICE / package).rglob("*.py")):
         bad = {m for m in imports_of(path, runtime_only=False) if m.startswith(upper)}
         assert not bad, f"{path.relative_to(SERVICE)} imports {sorted(bad)}"

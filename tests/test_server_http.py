@@ -200,6 +200,20 @@ def test_unknown_fields_pass_on_openai_routes_and_fail_on_emu35_routes(openai_cl
     assert r.status_code == 400 and r.json()["error"]["param"] == "a_field_from_the_future"
 
 
+def test_ignored_openai_fields_are_named_in_a_warning_header(http):
+    r = http.post("/v1/images/generations", json={"prompt": "a kite", "size": SMALL, "sise": "1:1"})
+    assert r.status_code == 200 and r.headers["warning"] == '299 - "ignored unknown fields: sise"'
+    plain = http.post("/v1/images/generations", json={"prompt": "a kite", "size": SMALL})
+    assert plain.status_code == 200 and "warning" not in plain.headers
+
+
+def test_an_edit_sent_as_json_is_told_the_route_takes_multipart(http):
+    r = http.post("/v1/images/edits", json={"prompt": "x", "image": "aGVsbG8="})
+    assert r.status_code == 415
+    message = r.json()["error"]["message"]
+    assert "takes multipart/form-data" in message and "application/json" in message  # what came, what to send
+
+
 # ---- Emu3.5 endpoints --------------------------------------------------------------------------------
 
 

@@ -133,6 +133,7 @@ def test_common_formats_are_read(fmt):
 
 @pytest.mark.parametrize("text,status,code", [
     ("###", 400, "invalid_base64"),
+    ("https://example.com/photo.png", 400, "image_url_not_supported"),
     ("data:application/pdf;base64,AAAA", 400, "unsupported_image_type"),
     ("data:image/png,notbase64", 400, "invalid_image"),
     ("", 400, "invalid_image"),
@@ -142,6 +143,22 @@ def test_bad_image_text_is_a_client_error(text, status, code):
     with pytest.raises(APIError) as exc:
         image_bytes_from_text(text, 1000, "images[0]")
     assert (exc.value.status, exc.value.code, exc.value.param) == (status, code, "images[0]")
+
+
+def test_an_image_url_is_refused_saying_urls_are_not_fetched():
+    with pytest.raises(APIError) as exc:
+        image_bytes_from_text("http://example.com/a.png", 10**6, "image")
+    assert "not fetched" in exc.value.message and "base64" in exc.value.message
+
+
+def test_ignored_openai_fields_are_named_in_a_safe_warning_header():
+    from service.server.openai.serving import WARNING_MAX_CHARS, OpenAIJob
+
+    job = OpenAIJob(None, None, ("sise", 'a"b\nc', "ü"))  # type: ignore[arg-type]
+    assert job.headers == {"Warning": '299 - "ignored unknown fields: sise, a?b?c, ?"'}
+    assert OpenAIJob(None, None).headers == {}  # type: ignore[arg-type]
+    long = OpenAIJob(None, None, ("x" * 1000,)).headers["Warning"]  # type: ignore[arg-type]
+    assert len(long) < WARNING_MAX_CHARS + 60
 
 
 def test_pixel_limit_is_checked_before_decoding():
@@ -553,6 +570,8 @@ def test_a_full_service_answers_429_before_decoding_any_upload():
     costs a second of CPU and half a gigabyte to decode)."""
     from types import SimpleNamespace
 
+    from starlette.requests import Request
+
     from service.server.emu35.serving import ServingGeneration
 
     limiter = AdmissionLimiter(slots=1, queue=0)
@@ -565,7 +584,7 @@ def test_a_full_service_answers_429_before_decoding_any_upload():
         await limiter.acquire()  # the only slot is taken, the queue holds nothing
         serving = NeverDecodes(SimpleNamespace(state="ready", limiter=limiter))
         with pytest.raises(APIError) as err:
-            await serving.create("x2i", None, None, [b"big png"], None)
+            await serving.create("x2i", None, None, [b"big png"], Request({"type": "http", "headers": []}))
         return err.value
 
     err = asyncio.run(go())
@@ -650,3 +669,30 @@ def test_ready_tells_why_it_failed_only_to_the_key_holder(api_key, headers, show
     assert ready.json() == expected
     health = asyncio.run(get("/health"))
     assert health.status_code == 503 and health.json() == {"status": "failed"}
+
+
+def test_model_variant_flag_takes_and_lists_the_readme_values():
+    """``--help`` lists ``{emu3.5,emu3.5-image}`` (as README and EMU35_MODEL_VARIANT spell them), not the
+    enum's member names, and the value reaches the task layer as its enum."""
+    import subprocess
+    import sys
+
+    from service.prompts import ModelVariant
+    from service.server.core.settings import load_settings
+
+    assert load_settings(["--demo", "--model-variant", "emu3.5-image"]).variant is ModelVariant.EMU35_IMAGE
+    with pytest.raises(ValueError):
+        load_settings(["--demo", "--model-variant", "EMU35_IMAGE"])
+    help_text = subprocess.run([sys.executable, "-m", "service", "serve", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--model-variant {emu3.5,emu3.5-image}" in help_text
+
+
+def test_readme_names_the_tiny_cache_folder_the_code_uses():
+    from pathlib import Path
+
+    from service.tiny.make import TINY_VERSION
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"emu35-serve/tiny-v{TINY_VERSION}`" in readme
+    assert not [v for v in range(TINY_VERSION) if f"tiny-v{v}`" in readme]

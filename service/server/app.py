@@ -19,11 +19,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.limits import BODY_BYTES_PER_EXTRA_SECOND, MAX_TEXT_BODY_BYTES
 from service.server.core.errors import APIError, install_handlers, send_closing_error
+from service.server.core.jobs import Jobs
 from service.server.core.openapi import install as install_openapi
 from service.server.core.runtime import Runtime
 from service.server.core.settings import Settings
 from service.server.emu35.routes import router as emu35_routes
 from service.server.emu35.serving import ServingGeneration
+from service.server.jobs.routes import router as jobs_routes
 from service.server.openai.routes import router as openai_routes
 from service.server.openai.serving import ServingOpenAIImages
 from service.server.ops.docs import router as docs
@@ -39,7 +41,8 @@ logger = logging.getLogger(__name__)
 ENDPOINT_LABELS = {
     "/v1/t2i": "t2i", "/v1/x2i": "x2i", "/v1/guidance": "guidance", "/v1/narrative": "narrative",
     "/v1/generate": "generate", "/v1/images/generations": "images_generations", "/v1/images/edits": "images_edits",
-    "/v1/models": "models", "/v1/records": "records", "/health": "health", "/ready": "ready", "/metrics": "metrics",
+    "/v1/models": "models", "/v1/records": "records", "/v1/jobs": "jobs", "/health": "health", "/ready": "ready",
+    "/metrics": "metrics",
     "/": "playground", "/docs": "docs",
 }
 
@@ -49,6 +52,8 @@ def endpoint_label(path: str) -> str:
         return ENDPOINT_LABELS[path]
     if path.startswith("/v1/records/"):
         return "records"
+    if path.startswith("/v1/jobs/"):
+        return "jobs"
     if path.startswith("/docs/"):
         return "docs"
     return "other"
@@ -173,12 +178,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        jobs = await Jobs.open(runtime)  # a job store that cannot be opened stops the start, loudly
         loading = asyncio.create_task(runtime.start())
         app.state.loading = loading
         try:
             yield
         finally:
+            jobs.worker.pause()  # running jobs may finish in the grace; what is cut goes back to the queue
             await runtime.drain(settings.shutdown_grace_seconds)
+            await jobs.close()
             if not loading.done():
                 loading.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -201,9 +209,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.serving_generation = ServingGeneration(runtime)
     app.state.serving_openai = ServingOpenAIImages(runtime)
+    for serving in (app.state.serving_generation, app.state.serving_openai):  # a stored job runs through these
+        runtime.job_servings.update(dict.fromkeys(serving.job_params, serving))
     install_handlers(app)
     install_openapi(app, auth=settings.api_key is not None)
-    for router in (operations, operations_v1, emu35_routes, openai_routes, playground, docs):
+    for router in (operations, operations_v1, emu35_routes, openai_routes, jobs_routes, playground, docs):
         app.include_router(router)
     app.add_middleware(BodyGuardMiddleware, image_limit=max_body_bytes(settings), timeout=settings.body_timeout)
     app.add_middleware(RequestMetricsMiddleware, runtime=runtime)

@@ -93,13 +93,15 @@ def form_value(name: str, text: str) -> Any:
 
 
 async def read_multipart(request: Request, file_fields: frozenset[str], max_files: int, max_bytes: int,
-                         unsupported: Mapping[str, str] | None = None) -> tuple[dict[str, Any], list[str | bytes]]:
+                         unsupported: Mapping[str, str] | None = None,
+                         accepts: str = "multipart/form-data") -> tuple[dict[str, Any], list[str | bytes]]:
     """A multipart form → (scalar fields, file contents in order). Files may come under any name in
     ``file_fields`` (``image``, ``image[]``, …) as uploads (bytes) or as base64 / data-URL text (str);
     a repeated scalar field is an error, and so is a field named in ``unsupported`` (file or text: a 400
-    with its message)."""
+    with its message). Any other content type is a 415 that says what the route takes (``accepts``)."""
     if content_type(request) != "multipart/form-data":
-        raise APIError(415, "send the request as application/json or multipart/form-data", "unsupported_media_type")
+        raise APIError(415, f"this route takes {accepts} (got {content_type(request) or 'no content type'!r}); "
+                       f"send images as file fields, e.g. curl -F 'image=@photo.png'", "unsupported_media_type")
     try:
         form = await request.form(max_files=max_files, max_fields=64, max_part_size=max_bytes)
     except MultiPartException as exc:

@@ -27,6 +27,9 @@ def image_bytes_from_text(text: str, max_bytes: int, param: str) -> bytes:
     """A base64 string or a ``data:image/…;base64,`` URL → raw bytes."""
 
     payload = text
+    if text[:8].lower().startswith(("http://", "https://")):
+        raise bad_request("image URLs are not fetched: send the image itself, as base64, a data URL "
+                          "(data:image/png;base64,…) or a multipart file upload", "image_url_not_supported", param)
     if text.startswith("data:"):
         m = _DATA_URL.match(text)
         if m is None:

@@ -47,6 +47,9 @@ METRIC_NAMES = (
     "emu35_engine_kv_cache_usage",
     "emu35_engine_steps_total",
     "emu35_engine_preempted_sequences_total",
+    "emu35_jobs",
+    "emu35_jobs_oldest_queued_age_seconds",
+    "emu35_job_lease_expiries_total",
 )
 
 
@@ -104,6 +107,13 @@ class Metrics:
         self.queue_capacity = Gauge("emu35_queue_capacity", "slots + queue places (429 beyond)", registry=r)
         self.vq_encode = Histogram("emu35_vq_encode_seconds", "VQ encode call time", buckets=_VQ_BUCKETS, registry=r)
         self.vq_decode = Histogram("emu35_vq_decode_seconds", "VQ decode call time", buckets=_VQ_BUCKETS, registry=r)
+        # durable jobs: read from the shared store, so every replica reports the whole queue (the HPA's
+        # signal is emu35_jobs{status="queued"})
+        self.jobs = Gauge("emu35_jobs", "jobs in the store by status", ["status"], registry=r)
+        self.jobs_oldest_queued = Gauge("emu35_jobs_oldest_queued_age_seconds",
+                                        "age of the oldest queued job (0: none queued)", registry=r)
+        self.job_lease_expiries = Counter("emu35_job_lease_expiries", "running jobs whose lease expired "
+                                          "(their replica died); queued again or failed", registry=r)
 
     def attach_live(self, stats: Callable[[], EngineStats | None], ready: Callable[[], bool],
                     vq_queue: Callable[[], int]) -> None:
@@ -111,6 +121,15 @@ class Metrics:
 
     def observe_vq(self, kind: str, seconds: float, items: int) -> None:
         (self.vq_encode if kind == "encode" else self.vq_decode).observe(seconds)
+
+    # the job worker's metrics sink (service.jobs.JobMetrics)
+    def lease_expired(self, n: int) -> None:
+        self.job_lease_expiries.inc(n)
+
+    def jobs_counted(self, counts: dict[str, int], oldest_queued_age: float) -> None:
+        for status, n in counts.items():
+            self.jobs.labels(status).set(n)
+        self.jobs_oldest_queued.set(oldest_queued_age)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

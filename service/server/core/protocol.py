@@ -46,6 +46,11 @@ class SamplingOverrides(_Strict):
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, strict=True, description="0 = greedy")
 
 
+#: The ``webhook`` extension field of every generation request (the ``Webhook`` header is the other way).
+WEBHOOK_FIELD_DESCRIPTION = ("with `Prefer: respond-async`: a URL the finished job is POSTed to, signed as Standard "
+                             "Webhooks specifies; its host must be in --webhook-allow-hosts")
+
+
 class ServiceStatus(BaseModel):
     """``/health`` and ``/ready``: the service's state, and why it is not ready when that is known."""
 

@@ -12,8 +12,16 @@ from service.server.core.deps import require_api_key
 from service.server.core.errors import validation_error
 from service.server.core.openapi import error_responses, inline_schema
 
+#: A generation route's answer to ``Prefer: respond-async``: the stored job (GET /v1/jobs/{id}).
+JOB_ACCEPTED: dict[int | str, dict[str, Any]] = {202: {
+    "description": "with `Prefer: respond-async` (RFC 7240): the request passed every check and is now a queued "
+                   "job; follow it at `Location` (/v1/jobs/{id}, /v1/jobs/{id}/events). A `Webhook` header or a "
+                   "`webhook` field names a URL the finished job is POSTed to (hosts of --webhook-allow-hosts)",
+    "headers": {"Location": {"description": "/v1/jobs/{id}", "schema": {"type": "string"}}},
+    "content": {"application/json": {"schema": {"type": "object", "description": "the job resource"}}}}}
+
 #: What every generation route may answer besides 200 (401, 408, 413: see service.server.core.openapi).
-GENERATION_ERRORS = error_responses(400, 415, 429, 503)
+GENERATION_ERRORS = {**JOB_ACCEPTED, **error_responses(400, 415, 429, 503)}
 
 
 def v1_router(**kwargs: Any) -> APIRouter:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from service.server.core.limiter import AdmissionLimiter
 from service.server.core.metrics import Metrics
@@ -56,6 +56,11 @@ class Runtime:
     watchdog: asyncio.Task | None = None  # polls the engine's health once ready
     aborting_since: float | None = None  # when the drain aborted what was still running
     abort_task: asyncio.Task | None = None  # that abort (held so the loop cannot collect it mid-way)
+    #: durable jobs: the serving class of each generation endpoint (a stored request runs through it),
+    #: the store and worker once open (service.server.core.jobs.Jobs), and who wants to hear of a free slot
+    job_servings: dict[str, Any] = field(default_factory=dict)
+    jobs: Any = None
+    limiter_listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -70,6 +75,8 @@ class Runtime:
     def _admission_changed(self, active: int, waiting: int) -> None:
         self.metrics.in_flight.set(active)
         self.metrics.queue_depth.set(waiting)
+        for listener in self.limiter_listeners:
+            listener()
 
     def _stats(self):
         return self.engine.stats() if self.engine is not None and self.state in ("ready", "draining") else None

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from service.prompts import Task
 from service.server.core.errors import APIError, bad_request
 from service.server.core.image_io import image_bytes_from_text, open_image
+from service.server.core.jobs import JobSink, prefers_async, submit_job
 from service.server.core.limiter import Overloaded, Slot
 from service.server.core.protocol import SamplingOverrides
 from service.server.core.runtime import Runtime
@@ -141,18 +143,25 @@ async def run_cancellable(request: Request, work: Awaitable[T], runtime: Runtime
 
 
 class ServingBase:
+    #: each endpoint's request model, so a stored job's request can be rebuilt (subclasses; app.py maps
+    #: each endpoint to its serving class in ``Runtime.job_servings``)
+    job_params: dict[str, type[BaseModel]] = {}
+
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
     @property
     def variant(self):
-        return self.rt.settings.model_variant
+        return self.rt.settings.variant
 
     # ---- the template ------------------------------------------------------------------------------
     async def create(self, endpoint: str, task: Task, params: Any, images: list[str | bytes],
                      request: Request) -> Response:
-        """Serve one request from start to finish (see the module docstring)."""
+        """Serve one request from start to finish (see the module docstring); with ``Prefer:
+        respond-async``, check it the same way, store it as a job and answer 202."""
         self.ensure_accepting()
+        if prefers_async(request):
+            return await self.submit(endpoint, task, params, images, request)
         self._check_room()  # a full service answers 429 before decoding any upload
         job = await self.job(endpoint, task, params, images, request)
         if job.stream:
@@ -170,6 +179,23 @@ class ServingBase:
                 return Response(status_code=499)
             raise first from None
         return await self.render(job, [run.result() for run in runs])
+
+    async def submit(self, endpoint: str, task: Task, params: Any, images: list[str | bytes],
+                     request: Request) -> Response:
+        """The request as a durable job: 202 with ``Location`` and the job resource."""
+        body = await submit_job(self, endpoint, task, params, images, request)
+        return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"],
+                                                            "Preference-Applied": "respond-async"})
+
+    async def check_plans(self, job: Job) -> None:
+        """What admission would refuse about the job's generations (context, references): a 400 now,
+        not a failed job later. Nothing is held afterwards."""
+        runner = self._runner()
+        for gen in job.inputs:
+            try:
+                await runner.prepare(gen, new_request_id("chk"))
+            except PlanError as exc:
+                raise bad_request(str(exc), "invalid_generation", exc.param) from None
 
     async def job(self, endpoint: str, task: Task, params: Any, images: list[str | bytes],
                   request: Request) -> Job:
@@ -299,8 +325,10 @@ class ServingBase:
         await self._finish(endpoint, result)
         return result
 
-    async def _events(self, job: Job, admitted: list[Admitted]) -> AsyncIterator[dict[str, str]]:
-        """Streamed runs as SSE messages; every slot is released when the stream ends, however it ends."""
+    async def _events(self, job: Job, admitted: list[Admitted],
+                      sink: JobSink | None = None) -> AsyncIterator[dict[str, str]]:
+        """Streamed runs as SSE messages; every slot is released when the stream ends, however it ends.
+        A job's ``sink`` also sees every run event and the failure, if any."""
         rids = [a.prepared.request.request_id for a in admitted]
         task = asyncio.current_task()
         for rid in rids:
@@ -311,9 +339,13 @@ class ServingBase:
             runs = [runner.run(a.prepared, job.previews) for a in admitted]
             async with contextlib.aclosing(merge_streams(runs)) as events:
                 async for index, ev in events:
+                    if sink is not None:
+                        sink.saw(index, ev)
                     if isinstance(ev, Finished):
                         if self._stopped_by_shutdown(ev.outcome):  # an error event, then a proper end
                             err = shutting_down("the service is shutting down; the generation was stopped")
+                            if sink is not None:
+                                sink.failed(err.message, err.code)
                             yield self.error_event(job, err.message, err.code)
                             return
                         await self._finish(job.endpoint, ev.outcome)
@@ -327,6 +359,8 @@ class ServingBase:
         except EngineUnavailableError as exc:
             self.rt.engine_died(str(exc))
             err = engine_unavailable()
+            if sink is not None:
+                sink.failed(err.message, err.code)
             yield self.error_event(job, err.message, err.code)
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
             logger.exception("generation %s failed mid-stream", ",".join(rids))
@@ -334,6 +368,8 @@ class ServingBase:
                 detail, code = exc.message, exc.code
             else:  # like the 500 handler: the log has the exception, the client gets no internals
                 detail, code = f"the generation failed (request {','.join(rids)})", "generation_failed"
+            if sink is not None:
+                sink.failed(detail, code)
             yield self.error_event(job, detail, code)
         finally:
             for rid in rids:

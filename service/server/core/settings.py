@@ -60,8 +60,10 @@ class Settings(BaseSettings):
     vq_model: Path | None = Field(None, description="IBQ vision tokenizer folder (config.yaml + model.ckpt)")
     tokenizer: Path | None = Field(
         None, description="tokenizer folder (emu3.tiktoken + emu3_vision_tokens.txt); default: --model")
-    model_variant: ModelVariant = Field(
-        ModelVariant.EMU35, description="which release the weights are: its per-task defaults (design.md §4)")
+    #: The values, not the enum, so ``--help`` lists ``{emu3.5,emu3.5-image}`` as the README and
+    #: EMU35_MODEL_VARIANT spell them (an enum would be listed by its member names).
+    model_variant: Literal["emu3.5", "emu3.5-image"] = Field(
+        "emu3.5", description="which release the weights are: its per-task defaults (design.md §4)")
     served_model_name: str = Field("emu3.5", min_length=1, description="model id in /v1/models and OpenAI APIs")
 
     # ---- engine -----------------------------------------------------------------------------------
@@ -110,6 +112,26 @@ class Settings(BaseSettings):
                                 "then 408")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
+    # ---- durable jobs (`Prefer: respond-async`, /v1/jobs) -------------------------------------------
+    job_store: str | None = Field(
+        None, description="where jobs are kept: unset is a SQLite file under --state-dir (one replica); "
+                          "postgresql://user:pass@host/db lets several replicas share one queue")
+    state_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_STATE_HOME", os.path.expanduser("~/.local/state")))
+        / "emu35-serve",
+        description="the SQLite job store and job results (results go under --output-dir when that is set)")
+    job_ttl: float = Field(86400.0, gt=0, description="seconds a finished job, its events and result are kept")
+    job_lease: float = Field(30.0, ge=1, description="seconds a replica's claim on a running job lasts unrenewed")
+    job_max_attempts: int = Field(3, ge=1, description="claims of a job whose replica keeps dying before it fails")
+    replica_id: str | None = Field(
+        None, description="this replica's name in the job store (default: the host name; keep it stable across "
+                          "restarts so a restart queues its own jobs again at once)")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Standard Webhooks signing secret (whsec_… base64); unset: webhooks are sent unsigned")
+    webhook_allow_hosts: list[str] = Field(
+        default_factory=list, description="hosts webhooks may be sent to (patterns such as *.example.com); "
+                                          "empty: webhooks are refused")
+
     demo: bool = Field(False, description="serve the built-in tiny model on CPU (built once, cached)")
     flashar: bool = Field(False, description="with --demo: serve the tiny FlashAR checkpoint (text-to-image only)")
 
@@ -140,6 +162,11 @@ class Settings(BaseSettings):
             if key not in given:
                 update[key] = value
         return self.model_copy(update=update)
+
+    @property
+    def variant(self) -> ModelVariant:
+        """``model_variant`` as the task layer's enum."""
+        return ModelVariant(self.model_variant)
 
     @property
     def engine_kind(self) -> Literal["vllm", "reference"]:

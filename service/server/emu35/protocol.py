@@ -22,7 +22,14 @@ from service.limits import (
     MIN_IMAGE_AREA,
 )
 from service.prompts import ASPECT_RATIOS, Task
-from service.server.core.protocol import EXAMPLE_PNG, Prompt, SamplingOverrides, _examples, _Strict
+from service.server.core.protocol import (
+    EXAMPLE_PNG,
+    WEBHOOK_FIELD_DESCRIPTION,
+    Prompt,
+    SamplingOverrides,
+    _examples,
+    _Strict,
+)
 from service.types import UncondMode
 
 
@@ -43,6 +50,7 @@ class GenerationParams(_Strict):
     image_sampling: SamplingOverrides | None = None
     image_area: int | None = Field(None, ge=MIN_IMAGE_AREA, le=MAX_IMAGE_AREA, strict=True,
                                    description="pixels of generated and reference images (aspect sizes scale)")
+    webhook: str | None = Field(None, max_length=2048, description=WEBHOOK_FIELD_DESCRIPTION)
     uncond_mode: UncondMode = Field(
         "lockstep", description="what the guidance (unconditional) branch sees: 'lockstep' every generated "
                                 "token, as the release's vLLM path; 'reference' only the generated images, as "

@@ -67,7 +67,8 @@ async def x2i(request: Request) -> Response:
         images: list[str | bytes] = list(body.images)
     else:
         fields, images = await read_multipart(request, frozenset({"images", "images[]", "image", "image[]"}),
-                                              max_files=MAX_REFERENCE_IMAGES + 1, max_bytes=s.max_image_bytes)
+                                              max_files=MAX_REFERENCE_IMAGES + 1, max_bytes=s.max_image_bytes,
+                                              accepts="application/json or multipart/form-data")
         body = validate(X2IRequest, {**fields, "images": ["-"] * len(images)})
     return await _generation(request).create("x2i", Task.X2I, body, images, request)
 

@@ -19,7 +19,7 @@ from sse_starlette import EventSourceResponse
 
 from service.prompts import Task
 from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
-from service.server.emu35.protocol import GenerationParams
+from service.server.emu35.protocol import GenerateRequest, GenerationParams, InterleavedRequest, T2IRequest, X2IRequest
 from service.server.emu35.render import done_event, error_event, generation_body, sse_message
 from service.task import Finished, GenerationInput, GenerationOptions, Outcome, PreviewSchedule
 
@@ -29,6 +29,9 @@ def wants_stream(params: GenerationParams, request: Request) -> bool:
 
 
 class ServingGeneration(ServingBase):
+    job_params = {"t2i": T2IRequest, "x2i": X2IRequest, "guidance": InterleavedRequest,
+                  "narrative": InterleavedRequest, "generate": GenerateRequest}
+
     async def job(self, endpoint: str, task: Task, params: GenerationParams, images: list[str | bytes],
                   request: Request) -> Job:
         options = GenerationOptions(

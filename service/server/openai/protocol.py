@@ -19,7 +19,7 @@ from service.limits import (
     MIN_GUIDANCE_SCALE,
     MIN_IMAGE_AREA,
 )
-from service.server.core.protocol import ErrorDetail, Prompt, SamplingOverrides
+from service.server.core.protocol import WEBHOOK_FIELD_DESCRIPTION, ErrorDetail, Prompt, SamplingOverrides
 
 #: OpenAI's ``quality`` values (``standard`` / ``hd``: DALL·E's); what each maps to is in openai_images.py.
 OpenAIQuality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
@@ -67,6 +67,7 @@ class OpenAIImageParams(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, strict=True)
     text_sampling: SamplingOverrides | None = None
     image_sampling: SamplingOverrides | None = None
+    webhook: str | None = Field(None, max_length=2048, description=WEBHOOK_FIELD_DESCRIPTION)
 
     def unknown_fields(self) -> list[str]:
         """Names of the fields sent that this service does not know (accepted, ignored, logged)."""

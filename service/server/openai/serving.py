@@ -21,11 +21,15 @@ from service.prompts import Task
 from service.server.core.errors import APIError, bad_request
 from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
 from service.server.openai.mapping import DEFAULT_COMPRESSION, OpenAIOutput, quality_preset, size_spec
-from service.server.openai.protocol import OpenAIImageParams
+from service.server.openai.protocol import OpenAIImageEditParams, OpenAIImageParams
 from service.server.openai.render import OpenAIStreamRenderer, openai_error_event, openai_images_body
 from service.task import GenerationInput, GenerationOptions, Outcome, PreviewSchedule
 
 logger = logging.getLogger(__name__)
+
+
+#: Characters of the field names a Warning header quotes (the rest is cut).
+WARNING_MAX_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -34,10 +38,25 @@ class OpenAIJob:
 
     output: OpenAIOutput
     renderer: OpenAIStreamRenderer
+    ignored: tuple[str, ...] = ()  # unknown fields accepted and ignored: named in a Warning header
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Warning: 299 - "ignored unknown fields: …"`` (RFC 7234's miscellaneous persistent warning)
+        when fields were ignored, so a typo such as ``sise`` does not pass unnoticed."""
+        if not self.ignored:
+            return {}
+        names = ", ".join(self.ignored)
+        # a client's field names: printable ASCII only in a header (no quotes, no line breaks), bounded
+        safe = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in names)[:WARNING_MAX_CHARS]
+        return {"Warning": f'299 - "ignored unknown fields: {safe}"'}
 
 
 class ServingOpenAIImages(ServingBase):
-    def _check(self, endpoint: str, p: OpenAIImageParams) -> None:
+    job_params = {"images_generations": OpenAIImageParams, "images_edits": OpenAIImageEditParams}
+
+    def _check(self, endpoint: str, p: OpenAIImageParams) -> tuple[str, ...]:
+        """Refuse what cannot be honoured; return the unknown fields (accepted, ignored, logged)."""
         name = self.rt.settings.served_model_name
         if p.model is not None and p.model != name:
             raise APIError(404, f"the model {p.model!r} does not exist; this service serves {name!r}",
@@ -51,10 +70,11 @@ class ServingOpenAIImages(ServingBase):
         unknown = p.unknown_fields()
         if unknown:
             logger.info("%s: accepted and ignored unknown fields %s", endpoint, ", ".join(unknown))
+        return tuple(unknown)
 
     async def job(self, endpoint: str, task: Task, p: OpenAIImageParams, images: list[str | bytes],
                   request: Request) -> Job:
-        self._check(endpoint, p)
+        ignored = self._check(endpoint, p)
         size = size_spec(p.size, task)
         quality, area_scale = quality_preset(p.quality)
         pictures = tuple(await self.decode_images(list(images), "image"))
@@ -73,15 +93,15 @@ class ServingOpenAIImages(ServingBase):
                               "image_edit" if task is Task.X2I else "image_generation", partials)
         return Job(endpoint, inputs, id_prefix="img", stream=bool(p.stream),
                    previews=PreviewSchedule.spread(partials) if partials else None,
-                   options=OpenAIJob(output, OpenAIStreamRenderer(output)))
+                   options=OpenAIJob(output, OpenAIStreamRenderer(output), ignored))
 
     async def render(self, job: Job, outcomes: list[Outcome]) -> Response:
         body = await asyncio.to_thread(openai_images_body, outcomes, job.options.output, now())
-        return JSONResponse(body)
+        return JSONResponse(body, headers=job.options.headers)
 
     def stream(self, job: Job, admitted: list[Admitted], events: AsyncIterator[dict[str, str]]) -> Response:
         ids = ",".join(a.prepared.request.request_id for a in admitted)
-        return EventSourceResponse(events, ping=SSE_PING_SECONDS, headers={"X-Request-Id": ids})
+        return EventSourceResponse(events, ping=SSE_PING_SECONDS, headers={"X-Request-Id": ids, **job.options.headers})
 
     async def render_event(self, job: Job, index: int, ev: Any) -> dict[str, str] | None:
         renderer: OpenAIStreamRenderer = job.options.renderer

@@ -1,0 +1,276 @@
+"""The job worker: claims queued jobs when this replica has free slots, runs them under a renewed lease,
+stores their events and results, and sends their webhooks.
+
+How a job is run is the HTTP layer's business (it is the same serving path as the synchronous routes);
+it hands the worker a :class:`JobExecutor`. Metrics go through :class:`JobMetrics` for the same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from service.jobs.store import JobEvent, JobRow, JobStore
+from service.jobs.webhooks import WebhookSender
+
+logger = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """A job that cannot succeed (the request is invalid for the engine, say): failed, not retried."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+class JobRetry(Exception):
+    """This replica could not finish the job: queued again. The attempt counts towards ``max_attempts``
+    when ``count_attempt`` (the engine died under it), not when the replica was only busy or stopping."""
+
+    def __init__(self, message: str, count_attempt: bool = True) -> None:
+        super().__init__(message)
+        self.count_attempt = count_attempt
+
+
+class JobLost(Exception):
+    """This replica no longer holds the job (it was canceled, or its lease was taken over)."""
+
+
+class JobReporter:
+    """What a running job tells the store: its events (with sequence ids) and its progress. Raises
+    :class:`JobLost` once the job is no longer this replica's, which stops the run."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, first_seq: int) -> None:
+        self.store, self.job_id, self.owner = store, job_id, owner
+        self.seq = first_seq
+        self.progress: dict[str, int] = {"images": 0, "rows": 0}
+        self.admitted = asyncio.Event()  # set once the job holds its admission slots
+        self.finishing = False  # its result or failure is being written: never cancel it then
+
+    async def event(self, name: str, data: str) -> None:
+        ev = JobEvent(self.seq, name, data)
+        if not await self.store.add_events(self.job_id, self.owner, [ev], self.progress):
+            raise JobLost(self.job_id)
+        self.seq += 1
+
+    def rows_done(self, rows: int) -> None:
+        self.progress["rows"] = rows
+
+    def image_done(self) -> None:
+        self.progress["images"] += 1
+
+
+class JobExecutor(Protocol):
+    """How the HTTP layer runs a stored request and renders a job."""
+
+    def free_slots(self) -> int:
+        """Admission slots this replica could give a job now."""
+        ...
+
+    async def run(self, job: JobRow, report: JobReporter) -> bytes:
+        """Run the job's request to its answer (the synchronous route's JSON body). Raise
+        :class:`JobFailed` for a request that cannot succeed."""
+        ...
+
+    def webhook_body(self, job: JobRow) -> bytes:
+        """The job as its webhook sends it."""
+        ...
+
+
+class JobMetrics(Protocol):
+    def lease_expired(self, n: int) -> None: ...
+
+    def jobs_counted(self, counts: dict[str, int], oldest_queued_age: float) -> None: ...
+
+
+@dataclass
+class WorkerConfig:
+    owner: str = field(default_factory=socket.gethostname)  # a replica's name; stable across its restarts
+    lease: float = 30.0  # seconds a claim holds without renewal
+    poll: float = 0.5  # seconds between claims when idle
+    max_attempts: int = 3  # claims before a job whose replica keeps dying is failed
+    housekeeping: float | None = None  # seconds between lease renewals and expiry sweeps (default lease/3)
+
+
+@dataclass
+class _Running:
+    job: JobRow
+    task: asyncio.Task
+    reporter: JobReporter
+
+
+class JobWorker:
+    def __init__(self, store: JobStore, executor: JobExecutor, config: WorkerConfig,
+                 webhooks: WebhookSender | None = None, metrics: JobMetrics | None = None) -> None:
+        self.store, self.executor, self.config = store, executor, config
+        self.webhooks, self.metrics = webhooks, metrics
+        self.running: dict[str, _Running] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._deliveries: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Queue again what this replica ran when it stopped, then claim and keep house."""
+        requeued, failed = await self.store.requeue_owned(self.config.owner, self.config.max_attempts)
+        if requeued or failed:
+            logger.warning("restart: %d job(s) of %s queued again, %d failed after too many attempts",
+                           len(requeued), self.config.owner, len(failed))
+        for job_id in failed:
+            self.job_finished(job_id)
+        for job in await self.store.pending_webhooks():
+            self._deliver_later(job)
+        self._tasks = [asyncio.create_task(self._claim_loop(), name="emu35-job-claims"),
+                       asyncio.create_task(self._housekeeping_loop(), name="emu35-job-leases")]
+
+    def wake(self) -> None:
+        """A job was submitted or a slot freed: claim now instead of at the next poll."""
+        self._wake.set()
+
+    def pause(self) -> None:
+        """Claim nothing more (a drain began); running jobs go on, their leases renewed."""
+        self._stopping = True
+
+    async def stop(self) -> None:
+        """Stop claiming; jobs still running are given back to the queue (another replica, or this one
+        after its restart, runs them)."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for r in list(self.running.values()):
+            r.task.cancel()
+        await asyncio.gather(*(r.task for r in list(self.running.values())), return_exceptions=True)
+        for d in list(self._deliveries):
+            d.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+
+    # ---- claiming --------------------------------------------------------------------------------
+    def free_slots(self) -> int:
+        """Slots free for new jobs: the executor's, less those of jobs claimed but not yet admitted."""
+        pending = sum(r.job.slots for r in self.running.values() if not r.reporter.admitted.is_set())
+        return self.executor.free_slots() - pending
+
+    async def claim_once(self) -> list[JobRow]:
+        if self._stopping:
+            return []
+        claimed = await self.store.claim(self.config.owner, self.free_slots(), self.config.lease)
+        for job in claimed:
+            await self._launch(job)
+        return claimed
+
+    async def _launch(self, job: JobRow) -> None:
+        reporter = JobReporter(self.store, job.id, self.config.owner, await self.store.next_seq(job.id))
+        task = asyncio.create_task(self._run(job, reporter), name=f"emu35-job-{job.id}")
+        self.running[job.id] = _Running(job, task, reporter)
+
+    async def _claim_loop(self) -> None:
+        while True:
+            try:
+                await self.claim_once()
+            except Exception:  # noqa: BLE001 - a store hiccup must not end the loop
+                logger.exception("claiming jobs failed; retrying")
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.poll)
+
+    # ---- running -----------------------------------------------------------------------------------
+    async def _run(self, job: JobRow, reporter: JobReporter) -> None:
+        owner = self.config.owner
+        try:
+            body = await self.executor.run(job, reporter)
+            reporter.finishing = True  # shielded: a cancel now must not cut the completing transaction
+            done = await asyncio.shield(self.store.complete(job.id, owner, body))
+        except JobFailed as exc:
+            reporter.finishing = True
+            done = await asyncio.shield(self.store.fail(job.id, owner, exc.message, exc.code))
+        except JobLost:
+            done = False
+        except JobRetry as exc:
+            logger.warning("job %s goes back to the queue: %s", job.id, exc)
+            done = False
+            await self.store.release(job.id, owner, count_attempt=exc.count_attempt)
+        except asyncio.CancelledError:
+            if self._stopping:  # give it back now rather than when its lease runs out
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.release(job.id, owner))
+            raise
+        except Exception:  # noqa: BLE001 - recorded on the job; the log has the traceback
+            logger.exception("job %s failed", job.id)
+            done = await self.store.fail(job.id, owner, f"the generation failed (job {job.id})", "generation_failed")
+        finally:
+            self.running.pop(job.id, None)
+            self.wake()
+        if done:
+            self.job_finished(job.id)
+
+    def cancel_local(self, job_id: str) -> bool:
+        """Stop a job this replica runs (it was canceled): the run is cancelled, which aborts its engine
+        pair and frees its slots at once."""
+        r = self.running.get(job_id)
+        if r is None:
+            return False
+        r.task.cancel()
+        return True
+
+    # ---- webhooks --------------------------------------------------------------------------------
+    def job_finished(self, job_id: str) -> None:
+        """A job ended (here, or canceled by a client): send its webhook if it has one."""
+        async def load_and_deliver() -> None:
+            job = await self.store.get(job_id)
+            if job is not None and job.webhook_state == "pending":
+                await self._deliver(job)
+
+        self._track(asyncio.create_task(load_and_deliver()))
+
+    def _deliver_later(self, job: JobRow) -> None:
+        self._track(asyncio.create_task(self._deliver(job)))
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, job: JobRow) -> None:
+        if self.webhooks is None or job.webhook is None:
+            return
+        ok = await self.webhooks.deliver(job.webhook, f"msg_{job.id}", self.executor.webhook_body(job))
+        await self.store.set_webhook_state(job.id, "delivered" if ok else "failed")
+
+    # ---- leases, expiry, metrics -------------------------------------------------------------------
+    async def housekeeping_once(self) -> None:
+        cfg = self.config
+        asked = dict(self.running)  # jobs launched while the renewal runs were not asked about
+        held = await self.store.renew(cfg.owner, list(asked), cfg.lease)
+        for job_id, r in asked.items():
+            # a job finishing now is no longer "running" in the store, but it is not lost either
+            if job_id not in held and not r.task.done() and not r.reporter.finishing:
+                logger.warning("job %s is no longer held by %s (canceled or taken over): stopping it", job_id, cfg.owner)
+                r.task.cancel()
+        requeued, failed = await self.store.expire_leases(cfg.max_attempts)
+        if requeued or failed:
+            logger.warning("leases expired: %d job(s) queued again, %d failed", len(requeued), len(failed))
+            if self.metrics is not None:
+                self.metrics.lease_expired(len(requeued) + len(failed))
+            for job_id in failed:
+                self.job_finished(job_id)
+            self.wake()
+        await self.store.purge_expired()
+        if self.metrics is not None:
+            oldest = await self.store.oldest_queued()
+            self.metrics.jobs_counted(await self.store.counts(), 0.0 if oldest is None else time.time() - oldest)
+
+    async def _housekeeping_loop(self) -> None:
+        every = self.config.housekeeping or self.config.lease / 3
+        while True:
+            try:
+                await self.housekeeping_once()
+            except Exception:  # noqa: BLE001 - a store hiccup must not end the loop
+                logger.exception("job housekeeping failed; retrying")
+            await asyncio.sleep(every)

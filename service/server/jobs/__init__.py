@@ -1,0 +1,1 @@
+"""The jobs API: ``/v1/jobs`` (read, list, cancel, delete, follow the events of a durable job)."""

@@ -1,0 +1,107 @@
+"""The jobs API: thin routes over the job store (service.jobs) and the shared job resource."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from service.jobs import follow_events
+from service.server.core.deps import get_runtime
+from service.server.core.errors import APIError, bad_request
+from service.server.core.jobs import Jobs, job_resource
+from service.server.core.openapi import error_responses
+from service.server.core.routing import v1_router
+from service.server.core.runtime import Runtime
+from service.server.core.serving_base import SSE_PING_SECONDS
+from service.server.jobs.protocol import Job, JobDeleted, JobList, JobStatus
+
+router = v1_router(tags=["jobs"])
+
+_NOT_FOUND = error_responses(404, descriptions={404: "no such job (or it expired)"})
+
+
+def _jobs(runtime: Runtime = Depends(get_runtime)) -> Jobs:
+    if runtime.jobs is None:
+        raise APIError(503, "the job store is not open yet", "model_loading", headers={"Retry-After": "5"})
+    return runtime.jobs
+
+
+def _unknown(job_id: str) -> APIError:
+    return APIError(404, f"no job {job_id!r} (it may have expired)", "job_not_found", "job_id")
+
+
+@router.get("/jobs/{job_id}", summary="a job: status, progress, and its result once it succeeded",
+            response_model=Job, responses=_NOT_FOUND)
+async def get_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
+    job = await jobs.store.get(job_id)
+    if job is None:
+        raise _unknown(job_id)
+    return JSONResponse(job_resource(job, jobs.store))
+
+
+@router.get("/jobs", summary="jobs, newest first, filtered by status and paginated", response_model=JobList,
+            responses=error_responses(400))
+async def list_jobs(status: JobStatus | None = None, limit: int = Query(20, ge=1, le=100),
+                    after: str | None = Query(None, description="the last id of the previous page"),
+                    jobs: Jobs = Depends(_jobs)) -> JSONResponse:
+    rows = await jobs.store.list_jobs(status, limit + 1, after)
+    page = rows[:limit]
+    return JSONResponse({"object": "list", "data": [job_resource(j, jobs.store, include_result=False) for j in page],
+                         "has_more": len(rows) > limit, "last_id": page[-1].id if page else None})
+
+
+@router.post("/jobs/{job_id}/cancel", summary="cancel a queued or running job (a running one's engine pair is freed)",
+             response_model=Job, responses=error_responses(404, 409, descriptions={409: "the job has finished"}))
+async def cancel_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
+    job, canceled = await jobs.store.cancel(job_id)
+    if job is None:
+        raise _unknown(job_id)
+    if not canceled:
+        raise APIError(409, f"the job has finished ({job.status}); only queued and running jobs can be canceled",
+                       "job_finished", "job_id")
+    jobs.worker.cancel_local(job_id)  # here: at once; on another replica: at its next lease renewal
+    jobs.worker.job_finished(job_id)
+    return JSONResponse(job_resource(job, jobs.store))
+
+
+@router.delete("/jobs/{job_id}", summary="remove a finished job, its events and its result",
+               response_model=JobDeleted,
+               responses=error_responses(404, 409, descriptions={409: "the job has not finished (cancel it first)"}))
+async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
+    job, deleted = await jobs.store.delete(job_id)
+    if job is None:
+        raise _unknown(job_id)
+    if not deleted:
+        raise APIError(409, f"the job is {job.status}; cancel it before deleting it", "job_not_finished", "job_id")
+    return JSONResponse({"id": job_id, "object": "job", "deleted": True})
+
+
+def last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id")
+    if raw is None or raw == "":
+        return 0
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise bad_request("Last-Event-ID must be the id of an event of this job (a non-negative integer)",
+                          "invalid_last_event_id", "Last-Event-ID")
+    return int(raw)
+
+
+@router.get("/jobs/{job_id}/events", summary="the job's events (the route's SSE stream), resumable with Last-Event-ID",
+            response_class=EventSourceResponse,
+            responses={200: {"description": "server-sent events, each with an `id:`; a client reconnecting with "
+                                            "`Last-Event-ID` gets what it missed, then the live events",
+                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                       **error_responses(400, 404)})
+async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs)) -> Response:
+    after = last_event_id(request)
+    if await jobs.store.get(job_id) is None:
+        raise _unknown(job_id)
+
+    async def messages() -> AsyncIterator[dict[str, Any]]:
+        async for ev in follow_events(jobs.store, job_id, after):
+            yield {"id": str(ev.seq), "event": ev.event, "data": ev.data}
+
+    return EventSourceResponse(messages(), ping=SSE_PING_SECONDS)

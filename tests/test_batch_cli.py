@@ -1,0 +1,42 @@
+"""The ``python -m service generate`` command as a user runs it: a process on the tiny model, its exit
+status, its log lines and its summary (one engine start; the runs themselves are in test_batch_engine.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.record.visualise import load_story
+from tests.batch_inputs import write_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_command_reports_each_prompt_and_exits_non_zero_when_one_failed(tmp_path):
+    pytest.importorskip("vllm")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"name": "fox", "task": "t2i", "prompt": "a fox", "seed": 1, "image_area": 128 * 128},
+        {"name": "lost", "task": "x2i", "prompt": "night", "images": ["nowhere.png"]},
+    ])
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("JOB_COMPLETION_INDEX", None)
+    done = subprocess.run([sys.executable, "-m", "service", "generate", "--prompts", str(prompts), "--out",
+                           str(tmp_path / "out" / "proto"), "--demo", "--max-concurrent", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stderr
+    assert done.returncode == 1, log[-3000:]
+    assert "prompt lost failed (images)" in log and "nowhere.png" in log  # named before the engine starts
+    assert "[1/1] fox ok" in log  # plain lines, not a bar: stderr is not a terminal
+    assert "generated 1, skipped 0, failed 1" in log
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["prompts"]["fox"]["status"] == "ok" and summary["prompts"]["fox"]["tokens"] > 0
+    assert summary["prompts"]["lost"]["status"] == "failed" and summary["prompts"]["lost"]["field"] == "images"
+    assert load_story(tmp_path / "out" / "proto" / "fox.pb").question == "a fox"
+    assert sorted(p.name for p in (tmp_path / "out" / "proto").iterdir()) == ["fox.pb"]
