@@ -42,7 +42,7 @@ prepare() {
     # registry lacks is listed (missing.txt), not fatal
     "$PY" "$REPO/scripts/device_proof.py" download "$wheels" "$project" "vllm==$VLLM_CUDA" "${EXTRA_PKGS[@]}" \
         > "$wheels/missing.txt"
-    (cd "$wheels" && ls | grep -E "$BOX_HAS" | xargs -r rm -f)
+    (cd "$wheels" && ls | { grep -E "$BOX_HAS" || true; } | xargs -r rm -f)
     mv "$wheels/missing.txt" "$dir/missing.txt"
     rm -f "$dir"/part-* "$dir"/manifest.txt
     tar -C "$wheels" -cf - . | split -b "$PART_BYTES" -d -a 2 - "$dir/part-"
