@@ -18,7 +18,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # n
 
 from service.engine.in_vllm.processor import Emu35LogitsProcessor  # noqa: E402
 from service.engine.policy.pairing import ADMITTED_BY, ADMITTED_KEY, COND, SOLO, UNCOND, RowSpec, probe_extra  # noqa: E402
-from service.engine.policy.rules import VocabTables  # noqa: E402
+from service.engine.policy.rules import PIXELS, VocabTables  # noqa: E402
 from service.types import SamplingSettings  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -307,3 +307,53 @@ def test_an_images_uncond_row_is_checked_against_the_tokens_since_img():
     proc, outs = processor_with((ref_params(COND), cond), (ref_params(UNCOND), []))
     out = proc.apply(torch.zeros(2, V))
     assert chosen(out[0]) == chosen(out[1]) == PAD  # the uncond row is a token behind: failed
+
+
+class HostSync(AssertionError):
+    """Raised by the patched functions below: the per-step path read a device value or built a tensor
+    from a Python list (on an accelerator both stall the step)."""
+
+
+def forbid_host_work(monkeypatch) -> None:
+    """Make every call that would build a tensor from Python data or read one back fail. On CPU this is
+    how the test sees what would be a device build or a sync on an accelerator."""
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise HostSync(name)
+        return call
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, refuse(f"torch.{name}"))
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+    monkeypatch.setattr(torch.cuda, "synchronize", refuse("torch.cuda.synchronize"))
+
+
+def test_a_step_builds_no_tensor_from_python_data_and_reads_nothing_back(monkeypatch):
+    """Batch changes (add, swap, remove) and steps through a header into pixels, with seeded and
+    unseeded pairs and a failed pair: none may call torch.tensor/.item()/.tolist() or synchronise."""
+    seeded = SamplingSettings(5, 0.9, 1.0)
+    cond = RowSpec("s", COND, 3.0, seeded, seeded, (2, 2), 7).to_extra()
+    uncond = RowSpec("s", UNCOND, 3.0, seeded, seeded, (2, 2), None).to_extra()
+    proc, outs = processor_with((params(COND, target=(2, 2)), [BOI]), (params(UNCOND, target=(2, 2)), [BOI]),
+                                (SamplingParams(extra_args=cond), [BOI]), (SamplingParams(extra_args=uncond), [BOI]))
+    forbid_host_work(monkeypatch)
+    with pytest.raises(HostSync):  # the patches really bite
+        torch.zeros(1).item()
+    for step in range(9):  # "2*2" IMG, then five pixel positions
+        if step == 3:
+            proc.update_state(BatchUpdate(batch_size=4, removed=[], added=[],
+                                          moved=[(0, 1, MoveDirectionality.SWAP), (2, 3, MoveDirectionality.SWAP)]))
+            outs[0], outs[1], outs[2], outs[3] = outs[1], outs[0], outs[3], outs[2]
+        proc.update_state(None)
+        out = proc.apply(torch.randn(4, V))
+        monkeypatch.undo()  # vLLM's own read-back of the step's tokens, outside the processor
+        for o, t in zip(outs, out.argmax(dim=-1).tolist()):
+            o.append(t)
+        forbid_host_work(monkeypatch)
+    proc.update_state(BatchUpdate(batch_size=3, removed=[3], added=[], moved=[]))  # a pair loses its cond row
+    out = proc.apply(torch.randn(3, V))
+    monkeypatch.undo()
+    assert proc.state.mode[:3].tolist() == [PIXELS] * 3 and outs[0][:5] == [BOI, 2, STAR, 2, IMG]
+    assert outs[0] == outs[1] and outs[2] == outs[3]  # pairs in lockstep through the swap
+    assert torch.isfinite(out[2]).nonzero().flatten().tolist() == [PAD]  # the orphaned uncond row is failed

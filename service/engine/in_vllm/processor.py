@@ -20,6 +20,12 @@ A row that vLLM leaves out of a step (the pair scheduler does that to a referenc
 image's uncond) is removed from the batch and added back later with the same output list; its state
 (rules state, generator, counters) is parked meanwhile and restored, so seeded draws continue.
 
+Host work follows vLLM's own processors (``vllm/v1/sample/logits_processor/builtin.py``): per-row settings
+and pair links live in pinned CPU mirrors (numpy views) that a batch change writes row by row, then
+sends to the device with one non-blocking copy per packed tensor; each step's new tokens go the same way
+through a small ring of pinned slots. Nothing in a step builds a device tensor from a Python list or reads
+a device value back; the only per-row host work left is reading vLLM's per-row Python output lists.
+
 Rows whose ``SamplingParams.extra_args`` carry no Emu3.5 spec pass through untouched, except the
 engine's start-up probe (``pairing.PROBE_KEY``): its row is forced to the token that says whether the
 pair scheduler admitted it, which proves that this processor and that scheduler are really running.
@@ -31,6 +37,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
@@ -47,7 +54,6 @@ from service.engine.policy.rules import (
     effective_top_k,
     host_mode,
     next_tokens,
-    sampling_columns,
 )
 from service.tokenizer import Emu35Tokenizer
 
@@ -73,6 +79,72 @@ class _Parked:
     state: torch.Tensor  # the row's RowState entries, stacked (device)
 
 
+class _Columns:
+    """Per-row settings as packed (fields, rows) tensors: a pinned CPU mirror with a numpy view that the
+    host writes row by row, and its device copy, refreshed with one non-blocking copy per batch change."""
+
+    LONG = ("text_k", "img_k", "leader", "cond_rows", "uncond_rows")
+    FLOAT = ("text_p", "text_t", "img_p", "img_t", "scale")
+    BOOL = ("managed", "orphan")
+
+    def __init__(self, rows: int, device: torch.device, pin: bool) -> None:
+        self.host = {dt: torch.zeros((len(names), rows), dtype=dt, pin_memory=pin)
+                     for dt, names in ((torch.long, self.LONG), (torch.float32, self.FLOAT), (torch.bool, self.BOOL))}
+        self.dev = {dt: torch.zeros_like(t, device=device) for dt, t in self.host.items()}
+        self.np = {name: self.host[dt][i].numpy() for dt, names in self._groups() for i, name in enumerate(names)}
+        self.on_device = {name: self.dev[dt][i] for dt, names in self._groups() for i, name in enumerate(names)}
+        self.np["text_k"][:] = self.np["img_k"][:] = 1
+        for name in ("text_p", "text_t", "img_p", "img_t", "scale"):
+            self.np[name][:] = 1.0
+        self.np["leader"][:] = np.arange(rows)
+
+    def _groups(self):
+        return ((torch.long, self.LONG), (torch.float32, self.FLOAT), (torch.bool, self.BOOL))
+
+    def clear(self, i: int) -> None:
+        """Row ``i`` back to the settings of a row the processor does not manage."""
+        for name in ("text_k", "img_k", "text_p", "text_t", "img_p", "img_t", "scale"):
+            self.np[name][i] = 1
+        self.np["managed"][i] = False
+
+    def move(self, src: int, dst: int, swap: bool) -> None:
+        for name in ("text_k", "img_k", "text_p", "text_t", "img_p", "img_t", "scale", "managed"):
+            col = self.np[name]
+            if swap:
+                col[src], col[dst] = col[dst], col[src]
+            else:
+                col[dst] = col[src]
+        if not swap:
+            self.clear(src)
+
+    def push(self) -> None:
+        for dt, host in self.host.items():
+            self.dev[dt].copy_(host, non_blocking=True)
+
+
+class _TokenSlots:
+    """Pinned (token, active) slots for the ids a step folds into the row state. Slots are used in turn,
+    so the host never rewrites one whose non-blocking copy may still be queued."""
+
+    SLOTS = 4
+
+    def __init__(self, rows: int, device: torch.device, pin: bool) -> None:
+        self.host = torch.zeros((self.SLOTS, 2, rows), dtype=torch.long, pin_memory=pin)
+        self.np = self.host.numpy()
+        self.dev = torch.zeros((self.SLOTS, 2, rows), dtype=torch.long, device=device)
+        self.next = 0
+
+    def take(self) -> int:
+        slot, self.next = self.next, (self.next + 1) % self.SLOTS
+        self.np[slot] = 0
+        return slot
+
+    def send(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's tokens and active mask on the device."""
+        self.dev[slot].copy_(self.host[slot], non_blocking=True)
+        return self.dev[slot, 0], self.dev[slot, 1].bool()
+
+
 class Emu35LogitsProcessor(LogitsProcessor):
     """Batch-wide Emu3.5 rules + sampling (design.md §5)."""
 
@@ -80,17 +152,18 @@ class Emu35LogitsProcessor(LogitsProcessor):
         tok = Emu35Tokenizer.from_dir(vllm_config.model_config.tokenizer)
         seed = getattr(vllm_config.model_config, "seed", None) or 0
         self._setup(VocabTables.from_tokenizer(tok, device), tok.ids.pad,
-                    int(vllm_config.scheduler_config.max_num_seqs), device, int(seed))
+                    int(vllm_config.scheduler_config.max_num_seqs), device, int(seed), bool(is_pin_memory))
 
     @classmethod
     def for_tables(cls, tables: VocabTables, kill_token: int, max_rows: int,
-                   device: torch.device | str = "cpu", seed: int = 0) -> "Emu35LogitsProcessor":
+                   device: torch.device | str = "cpu", seed: int = 0, pin: bool = False) -> "Emu35LogitsProcessor":
         """A processor over hand-made vocabulary tables (unit tests, small vocabularies)."""
         self = cls.__new__(cls)
-        self._setup(tables, kill_token, max_rows, torch.device(device), seed)
+        self._setup(tables, kill_token, max_rows, torch.device(device), seed, pin)
         return self
 
-    def _setup(self, tables: VocabTables, kill_token: int, max_rows: int, device: torch.device, seed: int) -> None:
+    def _setup(self, tables: VocabTables, kill_token: int, max_rows: int, device: torch.device, seed: int,
+               pin: bool) -> None:
         self.device = device
         self.tables = tables
         self.vocab = tables.vocab_size
@@ -103,21 +176,30 @@ class Emu35LogitsProcessor(LogitsProcessor):
         # identical on every tensor-parallel rank, so unseeded rows draw the same tokens everywhere
         self.fallback = torch.Generator(device).manual_seed(int(seed))
         n = self.max_rows
-        self.managed = torch.zeros(n, dtype=torch.bool, device=device)
-        self.orphan = torch.zeros(n, dtype=torch.bool, device=device)
+        self.cols = _Columns(n, device, pin)
+        self.slots = _TokenSlots(n, device, pin)
+        on = self.cols.on_device
+        self.managed, self.orphan, self.leader = on["managed"], on["orphan"], on["leader"]
+        self.text_k, self.img_k, self.text_p, self.img_p = on["text_k"], on["img_k"], on["text_p"], on["img_p"]
+        self.text_t, self.img_t = on["text_t"], on["img_t"]
         self.pairs: list[tuple[int, int]] = []  # (cond row, uncond row) of every complete pair
         self.lone_image_conds: list[int] = []  # reference-mode cond rows whose image uncond is not in the batch
+        # host mirrors of each row's counters, so the per-step lockstep check is array arithmetic
+        self.seen = np.zeros(n, dtype=np.int64)
+        self.img_at = np.zeros(n, dtype=np.int64)
+        self.in_pixels = np.zeros(n, dtype=bool)
+        self.image_only = np.zeros(n, dtype=bool)
+        self.pair_c = np.zeros(0, dtype=np.int64)
+        self.pair_u = np.zeros(0, dtype=np.int64)
+        self.lone_c = np.zeros(0, dtype=np.int64)
+        self.managed_rows: list[int] = []
+        self.deciders = np.zeros(n, dtype=bool)  # managed rows that are not uncond: they pick the columns
+        self.gens: list[torch.Generator | None] = [None] * n
+        self.draws: list[int] = [1] * n
         # rows out of the batch, by id() of their output list (kept alive here, so the id stays theirs);
         # finished requests are parked too (a removal does not say why), hence the bound
         self.parked: OrderedDict[int, _Parked] = OrderedDict()
         self.max_parked = 4 * max_rows
-        self.leader = torch.arange(n, dtype=torch.long, device=device)
-        self.text_k = torch.ones(n, dtype=torch.long, device=device)
-        self.img_k = torch.ones(n, dtype=torch.long, device=device)
-        self.text_p = torch.ones(n, device=device)
-        self.img_p = torch.ones(n, device=device)
-        self.text_t = torch.ones(n, device=device)
-        self.img_t = torch.ones(n, device=device)
         self.k_cap = 1
         self.any_managed = False
         self.all_managed = False
@@ -144,6 +226,7 @@ class Emu35LogitsProcessor(LogitsProcessor):
         for index in bu.removed:
             self._park(index)
             self.rows[index] = None
+            self.cols.clear(index)
             self.probes.pop(index, None)
         for added in bu.added:
             index, params, out = added[0], added[1], added[-1]
@@ -155,19 +238,22 @@ class Emu35LogitsProcessor(LogitsProcessor):
             spec = RowSpec.from_extra(extra)
             if spec is None:
                 self.rows[index] = None
+                self.cols.clear(index)
                 continue
-            if self._unpark(index, out):
-                continue
-            gen = None
-            if spec.seed is not None:
-                gen = torch.Generator(self.device).manual_seed(spec.seed)
-            draws = max(effective_top_k(spec.text.top_k, self.vocab), effective_top_k(spec.image.top_k, self.vocab))
-            self.rows[index] = _Row(spec, out, 0, gen, draws)
-            h, w = spec.target_grid or (0, 0)
-            self.state.reset_rows(index, h, w)
+            if not self._unpark(index, out):
+                gen = None
+                if spec.seed is not None:
+                    gen = torch.Generator(self.device).manual_seed(spec.seed)
+                draws = max(effective_top_k(spec.text.top_k, self.vocab),
+                            effective_top_k(spec.image.top_k, self.vocab))
+                self.rows[index] = _Row(spec, out, 0, gen, draws)
+                h, w = spec.target_grid or (0, 0)
+                self.state.reset_rows(index, h, w)
+            self._write_settings(index, spec)
         for a, b, direction in bu.moved:
             pa, pb = self.probes.pop(a, None), self.probes.pop(b, None)
-            if direction == MoveDirectionality.SWAP:
+            swap = direction == MoveDirectionality.SWAP
+            if swap:
                 self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
                 self.state.swap_rows(a, b)
                 pa, pb = pb, pa
@@ -175,11 +261,20 @@ class Emu35LogitsProcessor(LogitsProcessor):
                 self.rows[b], self.rows[a] = self.rows[a], None
                 self.state.copy_row(a, b)
                 pa, pb = None, pa
+            self.cols.move(a, b, swap)
             for index, answer in ((a, pa), (b, pb)):
                 if answer is not None:
                     self.probes[index] = answer
         self.batch_size = bu.batch_size
         self._rebuild_maps()
+
+    def _write_settings(self, i: int, s: RowSpec) -> None:
+        """Row ``i``'s sampling settings into the host mirror (sent with the rest in ``_rebuild_maps``)."""
+        c = self.cols.np
+        c["managed"][i] = True
+        c["scale"][i] = s.cfg_scale
+        c["text_k"][i], c["text_p"][i], c["text_t"][i] = s.text.top_k, s.text.top_p, s.text.temperature
+        c["img_k"][i], c["img_p"][i], c["img_t"][i] = s.image.top_k, s.image.top_p, s.image.temperature
 
     def _park(self, index: int) -> None:
         row = self.rows[index]
@@ -201,93 +296,102 @@ class Emu35LogitsProcessor(LogitsProcessor):
         return True
 
     def _rebuild_maps(self) -> None:
-        """Pair links and per-row settings, recomputed only when the batch changes."""
+        """Pair links and host mirrors, recomputed only when the batch changes; one non-blocking copy per
+        packed settings tensor sends them to the device. The host mirror is rewritten only at the next
+        batch change, after vLLM has read back a step's tokens, so the copy has completed by then."""
         n = self.max_rows
-        managed, leader = [False] * n, list(range(n))
-        cols = {k: [1.0] * n for k in ("scale", "tp", "tt", "ip", "it")}
-        tk, ik = [1] * n, [1] * n
+        c = self.cols.np
+        leader, orphan = c["leader"], c["orphan"]
+        leader[:] = np.arange(n)
+        orphan[:] = False
         cond_at: dict[str, int] = {}
         uncond_at: dict[str, int] = {}
+        self.managed_rows = []
+        self.deciders[:] = False
+        self.gens = [None] * n
+        self.draws = [1] * n
         k_cap = 1
         for i, row in enumerate(self.rows[: self.batch_size]):
             if row is None:
                 continue
             s = row.spec
-            managed[i] = True
-            cols["scale"][i] = s.cfg_scale
-            tk[i], cols["tp"][i], cols["tt"][i] = s.text.top_k, s.text.top_p, s.text.temperature
-            ik[i], cols["ip"][i], cols["it"][i] = s.image.top_k, s.image.top_p, s.image.temperature
+            self.managed_rows.append(i)
+            self.seen[i], self.img_at[i] = row.seen, row.img_at
+            self.in_pixels[i], self.image_only[i] = row.mode == PIXELS, s.image_only
+            self.deciders[i] = s.role != UNCOND
+            self.gens[i] = row.gen if s.role != UNCOND else None
+            self.draws[i] = row.draws
             k_cap = max(k_cap, row.draws)
             if s.role == COND:
                 cond_at[s.pair_id] = i
             elif s.role == UNCOND:
                 uncond_at[s.pair_id] = i
-        orphan = [False] * n
+        c["managed"][self.batch_size:] = False
         pairs = []
         lone = []
         for pair, u in uncond_at.items():
-            c = cond_at.get(pair)
-            if c is None:
+            ci = cond_at.get(pair)
+            if ci is None:
                 logger.error("emu35: uncond row of pair %s has no cond row in the batch; failing it", pair)
                 orphan[u] = True
                 continue
-            leader[u] = c
-            pairs.append((c, u))
-        for pair, c in cond_at.items():
+            leader[u] = ci
+            pairs.append((ci, u))
+        for pair, ci in cond_at.items():
             if pair in uncond_at:
                 continue
-            if self.rows[c].spec.image_only:  # type: ignore[union-attr]
-                lone.append(c)  # runs alone outside images; failed only if it must draw a pixel alone
+            if self.rows[ci].spec.image_only:  # type: ignore[union-attr]
+                lone.append(ci)  # runs alone outside images; failed only if it must draw a pixel alone
                 continue
             logger.error("emu35: cond row of pair %s has no uncond row in the batch; failing it", pair)
-            orphan[c] = True
-        dev = self.device
-        self.managed.copy_(torch.tensor(managed, device=dev))
-        self.orphan.copy_(torch.tensor(orphan, device=dev))
+            orphan[ci] = True
         self.pairs = pairs
+        self.pair_c = np.array([p for p, _ in pairs], dtype=np.int64)
+        self.pair_u = np.array([u for _, u in pairs], dtype=np.int64)
         self.lone_image_conds = lone
-        self.any_orphan = any(orphan)
-        self.leader.copy_(torch.tensor(leader, device=dev))
-        self.text_k.copy_(torch.tensor(tk, device=dev))
-        self.img_k.copy_(torch.tensor(ik, device=dev))
-        self.text_p.copy_(torch.tensor(cols["tp"], device=dev))
-        self.text_t.copy_(torch.tensor(cols["tt"], device=dev))
-        self.img_p.copy_(torch.tensor(cols["ip"], device=dev))
-        self.img_t.copy_(torch.tensor(cols["it"], device=dev))
+        self.lone_c = np.array(lone, dtype=np.int64)
+        c["cond_rows"][: len(pairs)] = self.pair_c
+        c["uncond_rows"][: len(pairs)] = self.pair_u
+        self.cols.push()
+        on = self.cols.on_device
+        npairs = len(pairs)
+        self.guidance = Guidance(on["cond_rows"][:npairs], on["uncond_rows"][:npairs],
+                                 on["scale"].index_select(0, on["cond_rows"][:npairs]))
+        self.any_orphan = bool(orphan.any())
         self.k_cap = k_cap
-        self.any_managed = any(managed)
-        self.all_managed = all(managed[: self.batch_size])
-        self.guidance = Guidance(
-            torch.tensor([c for c, _ in pairs], dtype=torch.long, device=dev),
-            torch.tensor([u for _, u in pairs], dtype=torch.long, device=dev),
-            torch.tensor([cols["scale"][c] for c, _ in pairs], dtype=torch.float32, device=dev),
-        )
+        self.any_managed = bool(self.managed_rows)
+        self.all_managed = len(self.managed_rows) == self.batch_size
 
     def _feed_new_tokens(self) -> None:
         """Fold each row's newly generated ids into its state (normally one id per row per step)."""
         pending: list[tuple[int, list[int]]] = []
-        for i, row in enumerate(self.rows[: self.batch_size]):
-            if row is not None and len(row.out) > row.seen:
-                new = []
-                for t in row.out[row.seen:]:
-                    if t < 0:  # an async-scheduling placeholder: read it next time
-                        break
-                    new.append(t)
-                    before, row.mode = row.mode, host_mode(row.mode, t, self.tables)
-                    if before == HEADER and row.mode == PIXELS:
-                        row.img_at = row.seen + len(new)
-                row.seen += len(new)
-                if new:
-                    pending.append((i, new))
+        for i in self.managed_rows:
+            row = self.rows[i]
+            if row is None or len(row.out) <= row.seen:
+                continue
+            new = []
+            for t in row.out[row.seen:]:
+                if t < 0:  # an async-scheduling placeholder: read it next time
+                    break
+                new.append(t)
+                before, row.mode = row.mode, host_mode(row.mode, t, self.tables)
+                if before == HEADER and row.mode == PIXELS:
+                    row.img_at = self.img_at[i] = row.seen + len(new)
+            row.seen += len(new)
+            self.seen[i] = row.seen
+            self.in_pixels[i] = row.mode == PIXELS
+            if new:
+                pending.append((i, new))
         if not pending:
             return
         for step in range(max(len(new) for _, new in pending)):
-            tokens = torch.zeros(self.max_rows, dtype=torch.long)
-            active = torch.zeros(self.max_rows, dtype=torch.bool)
+            slot = self.slots.take()
+            host = self.slots.np[slot]
             for i, new in pending:
                 if step < len(new):
-                    tokens[i], active[i] = new[step], True
-            advance(self.state, tokens.to(self.device), self.tables, active.to(self.device))
+                    host[0, i], host[1, i] = new[step], 1
+            tokens, active = self.slots.send(slot)
+            advance(self.state, tokens, self.tables, active)
 
     # ---- the step -------------------------------------------------------------------------------
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -304,22 +408,25 @@ class Emu35LogitsProcessor(LogitsProcessor):
                 logits[index].fill_(float("-inf"))
                 logits[index, answer] = 0.0
 
+    def _columns(self, rows: int) -> slice:
+        """The sampling columns from the host mode mirror (uncond rows take their cond row's token, so only
+        the other rows decide; a reference uncond row starts after IMG and never sees BOI)."""
+        deciders = self.deciders[:rows]
+        pixels = int(np.count_nonzero(self.in_pixels[:rows] & deciders))
+        if pixels and pixels == int(np.count_nonzero(deciders)):
+            return slice(self.tables.first_visual, self.vocab)
+        return slice(0, self.tables.first_visual) if pixels == 0 else slice(None)
+
     def _apply_rules(self, logits: torch.Tensor) -> torch.Tensor:
         self._feed_new_tokens()  # the live lists are complete only now (async scheduling fills them late)
         rows = logits.shape[0]
-        gens = [row.gen if row is not None and row.spec.role != UNCOND else None for row in self.rows[:rows]]
-        draws = [row.draws if row is not None else 1 for row in self.rows[:rows]]
         text = SamplingColumns(self.text_k[:rows], self.text_p[:rows], self.text_t[:rows])
         image = SamplingColumns(self.img_k[:rows], self.img_p[:rows], self.img_t[:rows])
         managed = None if self.all_managed else self.managed[:rows]
         if not self.all_managed:
             original = logits.clone()
-        # uncond rows take their cond row's token, so only the other rows decide the columns (a reference
-        # uncond row starts after IMG and never sees BOI, so its own mode says nothing)
-        columns = sampling_columns([row.mode == PIXELS for row in self.rows[:rows]
-                                    if row is not None and row.spec.role != UNCOND], self.tables)
         tokens = next_tokens(logits, self.state.view(rows), self.tables, self.guidance, text, image, self.k_cap,
-                             gens, draws, self.fallback, managed, columns)
+                             self.gens[:rows], self.draws[:rows], self.fallback, managed, self._columns(rows))
         tokens = tokens[self.leader[:rows]]  # the uncond row takes its cond row's token
         broken = self._broken_rows(rows)
         if broken is not None:
@@ -332,27 +439,21 @@ class Emu35LogitsProcessor(LogitsProcessor):
         return logits
 
     def _broken_rows(self, rows: int) -> torch.Tensor | None:
-        """Rows of pairs that lost lockstep (host-side list lengths only; no device read)."""
-        drifted = [(c, u) for c, u in self.pairs if c < rows and u < rows and self._drift(c, u) != 0]
-        alone = [c for c in self.lone_image_conds if c < rows and self.rows[c].mode == PIXELS]  # type: ignore[union-attr]
-        if not drifted and not alone and not self.any_orphan:
+        """Rows of pairs that lost lockstep, from the host counters (array arithmetic; no device read)."""
+        c, u = self.pair_c, self.pair_u
+        inside = (c < rows) & (u < rows)
+        c, u = c[inside], u[inside]
+        drift = self.seen[c] - np.where(self.image_only[c], self.img_at[c], 0) - self.seen[u]
+        lone = self.lone_c[self.lone_c < rows]
+        alone = lone[self.in_pixels[lone]]
+        if not drift.any() and not alone.size and not self.any_orphan:
             return None
         broken = self.orphan[:rows].clone()
-        for c, u in drifted:
-            logger.error("emu35: pair %s drifted apart (%d tokens); failing it",
-                         self.rows[c].spec.pair_id, self._drift(c, u))  # type: ignore[union-attr]
-            broken[c] = broken[u] = True
-        for c in alone:
+        for ci, ui, d in zip(c[drift != 0], u[drift != 0], drift[drift != 0]):  # failures only
+            logger.error("emu35: pair %s drifted apart (%d tokens); failing it", self.rows[ci].spec.pair_id, d)
+            broken[int(ci)] = broken[int(ui)] = True
+        for ci in alone:
             logger.error("emu35: cond row of pair %s must draw a pixel without its uncond row; failing it",
-                         self.rows[c].spec.pair_id)  # type: ignore[union-attr]
-            broken[c] = True
+                         self.rows[ci].spec.pair_id)
+            broken[int(ci)] = True
         return broken
-
-    def _drift(self, c: int, u: int) -> int:
-        """Tokens the uncond row of a pair is behind (+) or ahead (−) of where its cond row says it must
-        be: all of the cond row's tokens in lockstep, those since its latest IMG in reference mode."""
-        cond, uncond = self.rows[c], self.rows[u]
-        assert cond is not None and uncond is not None
-        expected = cond.seen - cond.img_at if cond.spec.image_only else cond.seen
-        return expected - uncond.seen
-

@@ -112,8 +112,11 @@ class RowState:
             t[dst] = t[src]
 
     def swap_rows(self, a: int, b: int) -> None:
+        """Exchange two rows (with plain int indices: a list index would build a device tensor)."""
         for t in self.tensors():
-            t[[a, b]] = t[[b, a]]
+            held = t[a].clone()
+            t[a] = t[b]
+            t[b] = held
 
 
 def advance(state: RowState, tokens: torch.Tensor, tables: VocabTables, active: torch.Tensor | None = None) -> None:

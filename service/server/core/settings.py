@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     # ---- derived ----------------------------------------------------------------------------------
     def with_demo_defaults(self, tiny_dir: Path) -> "Settings":
         """The demo: tiny checkpoints, CPU, small images and context, unless set explicitly."""
+        from service.task import cpu_default_dtype  # the task layer knows what a W8A8 export needs
+
         given = self.model_fields_set
         update: dict = {}
         if "model" not in given:
@@ -154,7 +156,8 @@ class Settings(BaseSettings):
             update["vq_model"] = tiny_dir / "vq"
         if "tokenizer" not in given:
             update["tokenizer"] = tiny_dir / "tokenizer"
-        for key, value in (("device", "cpu"), ("vq_device", "cpu"), ("dtype", "float32"),
+        dtype = cpu_default_dtype(update.get("model", self.model))
+        for key, value in (("device", "cpu"), ("vq_device", "cpu"), ("dtype", dtype),
                            ("image_area", DEMO_IMAGE_AREA), ("max_model_len", DEMO_MAX_MODEL_LEN)):
             if key not in given:
                 update[key] = value
