@@ -12,7 +12,8 @@ import pytest
 
 SERVICE = Path(__file__).resolve().parents[1] / "service"
 #: What the HTTP layer may import: itself, the task package, and the shared vocabulary below it.
-HTTP_MAY_IMPORT = ("service.server", "service.jobs", "service.task", "service.types", "service.limits", "service.prompts")
+HTTP_MAY_IMPORT = ("service.server", "service.jobs", "service.task", "service.types", "service.limits", "service.prompts",
+                   "service.atomic_file")
 
 
 def imports_of(path: Path, *, runtime_only: bool) -> set[str]:

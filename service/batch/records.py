@@ -6,17 +6,11 @@ mid-write leaves no truncated ``.pb`` for the next run to mistake for a finished
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from service.atomic_file import write_atomically
+
 RECORD_SUFFIX = ".pb"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def record_path(out_dir: Path, name: str) -> Path:
@@ -32,15 +26,5 @@ def write_record(out_dir: Path, name: str, data: bytes) -> Path:
     """Write ``data`` as ``{name}.pb`` atomically (temporary file, fsync, rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final = record_path(out_dir, name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a record is as readable as any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(final, data)
     return final

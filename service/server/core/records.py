@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from service.atomic_file import write_atomically
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -28,16 +28,7 @@ class RecordStore:
     def save(self, record_id: str, data: bytes) -> Path:
         """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
         target = self.path(record_id)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{record_id}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(target, data)
         return target
 
     def load(self, record_id: str) -> bytes | None:
