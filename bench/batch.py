@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import plain_part  # noqa: E402
+from bench.engine import Setup, plain_part  # noqa: E402
 from service.batch.items import Item  # noqa: E402
 from service.batch.progress import LogProgress  # noqa: E402
 from service.batch.records import write_record  # noqa: E402
@@ -113,7 +113,8 @@ async def emu35_part(tiny: Path, work: Path, n: int) -> dict:
 async def main_async(args) -> dict:
     tiny = ensure_tiny()
     tok = Emu35Tokenizer.from_dir(tiny / "tokenizer")
-    plain = await plain_part(tiny / "model", tok, args.repeats)
+    setup = Setup(tiny / "model", tiny / "tokenizer", "cpu", "float32", (1, CONCURRENT))
+    plain = await plain_part(setup, tok, args.repeats)
     plain_gain = CONCURRENT * plain["one_pair_step_ms"] / plain["step_ms"]
     with tempfile.TemporaryDirectory(prefix="emu35-bench-batch-") as work:
         emu = await emu35_part(tiny, Path(work), args.prompts)
