@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 from service.jobs import (
     JobEvent,
     JobFailed,
+    JobLost,
     JobReporter,
     JobRetry,
     JobRow,
@@ -176,6 +177,95 @@ def test_events_replay_after_a_sequence_id_and_follow_ends_with_the_job(store_ur
             got = [e.seq async for e in follow_events(s, job.id, after=2, poll=0.05)]
             await finisher
             assert got == [3, 4, 5, 6]
+        finally:
+            await s.close()
+
+    run(scenario())
+
+
+class CountingReads:
+    """Counts a store's reads of events, to tell a follower served from memory from one that polls."""
+
+    def __init__(self, store) -> None:
+        self.n, self._events = 0, store.events
+        store.events = self
+
+    async def __call__(self, job_id, after=0):
+        self.n += 1
+        return await self._events(job_id, after)
+
+
+def test_a_follower_gets_this_processs_events_in_memory_and_reads_the_store_for_a_gap(store_url, tmp_path):
+    """Events this process commits reach its followers without a store read per event; events another
+    replica wrote in between (a gap in the sequence ids) are read from the store, so none is lost."""
+    async def scenario():
+        here = await opened(store_url, tmp_path)
+        other = await opened(store_url, tmp_path)  # another replica on the same store
+        try:
+            job = await here.submit(NewJob("t2i", b"{}"))
+            await here.claim("w", 1, 30)
+            reads = CountingReads(here)
+
+            async def write() -> None:
+                await asyncio.sleep(0.05)
+                for seq in range(1, 21):  # 20 events from this process
+                    assert await here.add_events(job.id, "w", [JobEvent(seq, "text", f"d{seq}")])
+                    await asyncio.sleep(0)
+                # 21-22 from the other replica: this process's watch never sees them
+                assert await other.add_events(job.id, "w", [JobEvent(21, "text", "d21"), JobEvent(22, "text", "d22")])
+                assert await here.add_events(job.id, "w", [JobEvent(23, "done", "{}")])
+                await here.complete(job.id, "w", b"{}")
+
+            writer = asyncio.create_task(write())
+            got = [(e.seq, e.data) async for e in follow_events(here, job.id, poll=30)]  # no polling
+            await writer
+            assert got == [(s, f"d{s}") for s in range(1, 23)] + [(23, "{}")]
+            # the first read, the gap and the end: not one read per event
+            assert reads.n <= 3
+        finally:
+            await here.close()
+            await other.close()
+
+    run(scenario())
+
+
+def test_dense_events_are_written_together_sparse_ones_at_once_and_all_in_order(store_url, tmp_path):
+    """A job's events cost a few store writes a second however fast they come (text tokens), one that
+    follows a quiet spell is written at once, the timer writes what waits, and a lost job is noticed."""
+    async def scenario():
+        s = await opened(store_url, tmp_path)
+        try:
+            job = await s.submit(NewJob("t2i", b"{}"))
+            await s.claim("w", 1, 30)
+            writes: list[list[int]] = []
+            add_events = s.add_events
+
+            async def counting(job_id, owner, events, progress=None):
+                writes.append([e.seq for e in events])
+                return await add_events(job_id, owner, events, progress)
+
+            s.add_events = counting
+            report = JobReporter(s, job.id, "w", first_seq=1, write_every=0.2)
+            for i in range(50):  # a burst: the first at once, the rest together when the timer fires
+                report.rows_done(i + 1)
+                await report.event("text", f"t{i}")
+            assert writes == [[1]]
+            await asyncio.sleep(0.6)
+            assert writes == [[1], list(range(2, 51))]
+            assert (await s.get(job.id)).progress == {"images": 0, "rows": 50}
+            await report.event("text", "after a quiet spell")  # written at once
+            assert writes[-1] == [51]
+            await report.event("text", "soon after")
+            await report.flush()  # what the worker does before storing the result
+            assert writes[-1] == [52]
+            assert [e.seq for e in await s.events(job.id)] == list(range(1, 53))
+
+            await s.cancel(job.id)
+            await report.event("text", "x")  # waits for the timer, which finds the job gone
+            await asyncio.sleep(0.6)
+            with pytest.raises(JobLost):
+                await report.event("text", "y")
+            report.close()
         finally:
             await s.close()
 

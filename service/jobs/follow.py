@@ -1,16 +1,15 @@
 """Following a job's events: what a client missed (after its ``Last-Event-ID``), then the live ones,
-until the job ends. Read from the store, so it works on any replica, whichever one runs the job."""
+until the job ends. It works on any replica, whichever one runs the job: what this process commits is
+handed over in memory; anything else (another replica's writes, a gap) is read from the store."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import AsyncIterator
 
 from service.jobs.store import JobEvent, JobStore
 
-#: Seconds between reads of a running job's new events when no write in this process wakes the follower
-#: first (the job runs on another replica).
+#: Seconds between reads of a running job's new events when no write in this process comes first (the
+#: job runs on another replica).
 POLL_SECONDS = 0.5
 
 
@@ -18,17 +17,28 @@ async def follow_events(store: JobStore, job_id: str, after: int = 0,
                         poll: float = POLL_SECONDS) -> AsyncIterator[JobEvent]:
     """Every event of ``job_id`` with a sequence id above ``after``, each once, in order; ends when
     the job has ended (or is gone) and every event is out."""
-    woken = store.watch(job_id)
+    watch = store.watch(job_id)  # before the first read: nothing committed after it is missed
     try:
+        read_store = True
         while True:
-            woken.clear()
-            job = await store.get(job_id)  # read before the events: nothing written after it is missed
-            for ev in await store.events(job_id, after):
-                after = ev.seq
-                yield ev
-            if job is None or job.finished:
-                return
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(woken.wait(), poll)
+            if read_store:
+                job = await store.get(job_id)  # read before the events: nothing written after it is missed
+                for ev in await store.events(job_id, after):
+                    after = ev.seq
+                    yield ev
+                if job is None or job.finished:
+                    return
+            change = await watch.next(poll)
+            if change is None:  # nothing from this process: the job may run elsewhere
+                read_store = True
+                continue
+            events, finished = change
+            fresh = [ev for ev in events if ev.seq > after]
+            # a gap (events another process wrote) or the job's end: the store has the whole story
+            read_store = finished or (bool(fresh) and fresh[0].seq != after + 1)
+            if not read_store:
+                for ev in fresh:
+                    after = ev.seq
+                    yield ev
     finally:
-        store.unwatch(job_id, woken)
+        store.unwatch(job_id, watch)

@@ -42,22 +42,70 @@ class JobLost(Exception):
     """This replica no longer holds the job (it was canceled, or its lease was taken over)."""
 
 
+#: Seconds a job's events may wait to be written together. An event that comes at least this long after
+#: the last write is written at once (a real model's image rows do), denser ones (text tokens, a tiny
+#: model's rows) are written together: at most a few transactions a second per job, whatever the token
+#: rate, for at most this much delay to the job's followers (Replicate throttles its prediction updates
+#: the same way).
+EVENT_WRITE_EVERY = 0.25
+
+
 class JobReporter:
     """What a running job tells the store: its events (with sequence ids) and its progress. Raises
-    :class:`JobLost` once the job is no longer this replica's, which stops the run."""
+    :class:`JobLost` once the job is no longer this replica's, which stops the run.
 
-    def __init__(self, store: JobStore, job_id: str, owner: str, first_seq: int) -> None:
+    Events are written in order, at once or, when they come faster than ``write_every``, a few together
+    (a timer writes what waits); :meth:`flush` writes what is left before the job's result."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, first_seq: int,
+                 write_every: float = EVENT_WRITE_EVERY) -> None:
         self.store, self.job_id, self.owner = store, job_id, owner
         self.seq = first_seq
+        self.write_every = write_every
         self.progress: dict[str, int] = {"images": 0, "rows": 0}
         self.admitted = asyncio.Event()  # set once the job holds its admission slots
         self.finishing = False  # its result or failure is being written: never cancel it then
+        self._waiting: list[JobEvent] = []
+        self._last_write = -float("inf")
+        self._writing = asyncio.Lock()  # one write at a time keeps the events in order
+        self._timer: asyncio.Task | None = None
+        self._lost = False
 
     async def event(self, name: str, data: str) -> None:
-        ev = JobEvent(self.seq, name, data)
-        if not await self.store.add_events(self.job_id, self.owner, [ev], self.progress):
+        if self._lost:
             raise JobLost(self.job_id)
+        self._waiting.append(JobEvent(self.seq, name, data))
         self.seq += 1
+        wait = self._last_write + self.write_every - time.monotonic()
+        if wait <= 0:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.create_task(self._flush_after(wait), name=f"emu35-job-events-{self.job_id}")
+
+    async def _flush_after(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        self._timer = None
+        with contextlib.suppress(JobLost):  # the run's next event raises it; the lease renewal stops it meanwhile
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the events that wait (and the progress)."""
+        async with self._writing:
+            if not self._waiting:
+                return
+            events, self._waiting = self._waiting, []
+            self._last_write = time.monotonic()
+            if not await self.store.add_events(self.job_id, self.owner, events, self.progress):
+                self._lost = True
+        if self._lost:
+            raise JobLost(self.job_id)
+
+    def close(self) -> None:
+        """The run ended: what still waits is dropped (only a finished job's events matter, and those
+        were flushed; a rerun numbers its events after the last one written)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def rows_done(self, rows: int) -> None:
         self.progress["rows"] = rows
@@ -96,6 +144,7 @@ class WorkerConfig:
     poll: float = 0.5  # seconds between claims when idle
     max_attempts: int = 3  # claims before a job whose replica keeps dying is failed
     housekeeping: float | None = None  # seconds between lease renewals and expiry sweeps (default lease/3)
+    event_write_every: float = EVENT_WRITE_EVERY  # seconds events may wait to be written together
 
 
 @dataclass
@@ -167,7 +216,8 @@ class JobWorker:
         return claimed
 
     async def _launch(self, job: JobRow) -> None:
-        reporter = JobReporter(self.store, job.id, self.config.owner, await self.store.next_seq(job.id))
+        reporter = JobReporter(self.store, job.id, self.config.owner, await self.store.next_seq(job.id),
+                               self.config.event_write_every)
         task = asyncio.create_task(self._run(job, reporter), name=f"emu35-job-{job.id}")
         self.running[job.id] = _Running(job, task, reporter)
 
@@ -186,9 +236,12 @@ class JobWorker:
         owner = self.config.owner
         try:
             body = await self.executor.run(job, reporter)
+            await reporter.flush()  # every event is stored before the job is marked done
             reporter.finishing = True  # shielded: a cancel now must not cut the completing transaction
             done = await asyncio.shield(self.store.complete(job.id, owner, body))
         except JobFailed as exc:
+            with contextlib.suppress(JobLost):  # then fail() finds the job is no longer ours
+                await reporter.flush()
             reporter.finishing = True
             done = await asyncio.shield(self.store.fail(job.id, owner, exc.message, exc.code))
         except JobLost:
@@ -196,6 +249,8 @@ class JobWorker:
         except JobRetry as exc:
             logger.warning("job %s goes back to the queue: %s", job.id, exc)
             done = False
+            with contextlib.suppress(JobLost):  # what it streamed stays; the rerun's events follow it
+                await reporter.flush()
             await self.store.release(job.id, owner, count_attempt=exc.count_attempt)
         except asyncio.CancelledError:
             if self._stopping:  # give it back now rather than when its lease runs out
@@ -206,6 +261,7 @@ class JobWorker:
             logger.exception("job %s failed", job.id)
             done = await self.store.fail(job.id, owner, f"the generation failed (job {job.id})", "generation_failed")
         finally:
+            reporter.close()
             self.running.pop(job.id, None)
             self.wake()
         if done:
