@@ -2,12 +2,11 @@
 
 Requests arrive on a queue; each loop turn admits what fits (one prefill forward for all newcomers),
 advances every running request by one diagonal (one forward for all of them, whatever their diagonals)
-and hands each request's delta to its asyncio queue. An abort is noticed between turns.
+and hands each request's delta to its channel (service.engine.thread_channel). An abort is noticed between turns.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import queue
 import threading
@@ -16,13 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AsyncGenerator
 
 from service.engine.protocol import EngineError, EngineRequestError, check_fits
+from service.engine.thread_channel import DeltaChannel
 from service.tokenizer import Emu35Tokenizer
 from service.types import EngineStats, GenerationRequest, TokenDelta
 
 if TYPE_CHECKING:
     from service.engine.flashar.engine import FlashARCore, Job
-
-_DONE = object()
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -36,8 +34,7 @@ def parse_devices(spec: str) -> list[str]:
 @dataclass
 class _Submission:
     req: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    channel: DeltaChannel
 
 
 class AsyncFlashAREngine:
@@ -129,25 +126,12 @@ class AsyncFlashAREngine:
             if req.request_id in self._known:
                 raise EngineRequestError(f"request id {req.request_id!r} is already running")
             self._known.add(req.request_id)
-        out: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Submission(req, asyncio.get_running_loop(), out))
-        finished = False
-        try:
-            while True:
-                item = await out.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise EngineError(f"FlashAR engine failed: {item}") from item
-                finished = finished or item.finished
-                yield item
-                if item.finished:
-                    break
-            if not finished:
-                yield TokenDelta([], "abort")
-        finally:
-            if not finished:
-                await self.abort(req.request_id)
+        sub = _Submission(req, DeltaChannel())
+        self._inbox.put(sub)
+        deltas = sub.channel.deltas("FlashAR engine", lambda: self.abort(req.request_id))
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                yield delta
 
     async def abort(self, request_id: str) -> None:
         with self._lock:
@@ -195,7 +179,7 @@ class AsyncFlashAREngine:
                 sub, job = active[out.job.request_id]
                 delta = TokenDelta(out.token_ids, "stop" if out.finished else None, decode_steps=1,
                                    cells=tuple(out.cells), diagonals=(job.step, job.height + job.width - 1))
-                sub.loop.call_soon_threadsafe(sub.out.put_nowait, delta)
+                sub.channel.put(delta)
                 if out.finished:
                     del active[sub.req.request_id]
                     core.release(job)
@@ -219,9 +203,8 @@ class AsyncFlashAREngine:
         with self._lock:
             self._known.discard(sub.req.request_id)
             self._aborted.discard(sub.req.request_id)
-        with contextlib.suppress(RuntimeError):  # the loop may be closed already
-            if abort:
-                sub.loop.call_soon_threadsafe(sub.out.put_nowait, TokenDelta([], "abort"))
-            if error is not None:
-                sub.loop.call_soon_threadsafe(sub.out.put_nowait, error)
-            sub.loop.call_soon_threadsafe(sub.out.put_nowait, _DONE)
+        if abort:
+            sub.channel.put(TokenDelta([], "abort"))
+        if error is not None:
+            sub.channel.put(error)
+        sub.channel.close()

@@ -2,23 +2,21 @@
 
 The reference engine is synchronous and runs one generation at a time, so generations queue here and
 run one after another in a single worker thread; token deltas cross into the event loop through an
-``asyncio.Queue``. An abort is a flag the worker checks between decoding steps.
+:class:`~service.engine.thread_channel.DeltaChannel`. An abort is a flag the worker checks between decoding steps.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncGenerator
 
 from service.engine.protocol import EngineError, EngineRequestError, EngineStats, check_fits
+from service.engine.thread_channel import DeltaChannel
 from service.tokenizer import Emu35Tokenizer
 from service.types import GenerationRequest, TokenDelta
-
-_DONE = object()
-
 
 if TYPE_CHECKING:
     from service.engine.reference.engine import ReferenceEngine
@@ -89,7 +87,7 @@ class AsyncReferenceEngine:
         if req.request_id in self._waiting or req.request_id == self._running:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
 
-    def _run(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+    def _run(self, req: GenerationRequest, channel: DeltaChannel) -> None:
         """Worker thread: decode step by step, hand each delta to the loop, stop early on abort."""
         rid = req.request_id
         with self._lock:
@@ -100,50 +98,36 @@ class AsyncReferenceEngine:
         try:
             engine = self._engine
             if skip or engine is None:
-                loop.call_soon_threadsafe(queue.put_nowait, TokenDelta([], "abort"))
+                channel.put(TokenDelta([], "abort"))
                 return
             for delta in engine.generate(req):
                 self._steps += 1
                 if rid in self._aborted:
-                    loop.call_soon_threadsafe(queue.put_nowait, TokenDelta([], "abort"))
+                    channel.put(TokenDelta([], "abort"))
                     return
-                loop.call_soon_threadsafe(queue.put_nowait, delta)
+                channel.put(delta)
                 if delta.finished:
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
+            channel.put(exc)
         finally:
             with self._lock:
                 self._running = None
                 self._aborted.discard(rid)
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            channel.close()
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         self._check_id(req)  # the rest of check() ran when the request was prepared
         if self._pool is None:
             raise EngineError("engine is not started")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        channel = DeltaChannel()
         with self._lock:
             self._waiting.add(req.request_id)
-        self._pool.submit(self._run, req, loop, queue)
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise EngineError(f"reference engine failed: {item}") from item
-                finished = finished or item.finished
-                yield item
-                if item.finished:
-                    break
-            if not finished:
-                yield TokenDelta([], "abort")
-        finally:
-            if not finished:
-                await self.abort(req.request_id)
+        self._pool.submit(self._run, req, channel)
+        deltas = channel.deltas("reference engine", lambda: self.abort(req.request_id))
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                yield delta
 
     async def abort(self, request_id: str) -> None:
         with self._lock:
