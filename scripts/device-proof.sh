@@ -62,7 +62,8 @@ prepare() {
 
 part() {
     local k name want got
-    k=$(printf '%02d' "$1")
+    [[ "$1" =~ ^[0-9]+$ ]] || die "--part takes a part number (0, 1, ... or 00, 01, ...), not '$1'"
+    k=$(printf '%02d' "$((10#$1))")  # base 10: a leading zero is not octal (08, 09)
     name="part-$k"
     [ -f "$PREPARED/manifest.txt" ] || die "no $PREPARED/manifest.txt (carry it with each part)"
     want=$(awk -v p="$name" '$1 == "part" && $2 == p {print $3}' "$PREPARED/manifest.txt")

@@ -35,6 +35,10 @@ def test_part_moves_a_part_whose_checksum_matches_and_refuses_one_that_does_not(
     bad = run_script("--part", "1", env=env)
     assert bad.returncode == 2 and "part-01: sha256" in bad.stderr and not (stage / "part-01").exists()
     assert run_script("--part", "7", env=env).returncode == 2  # not in the manifest
+    # two-digit numbers are decimal (08 and 09 are not octal), and a name is refused with a reason
+    eighth = run_script("--part", "08", env=env)
+    assert eighth.returncode == 2 and "part-08 is not in the manifest" in eighth.stderr, eighth.stderr
+    assert "part number" in run_script("--part", "x", env=env).stderr
     # the run refuses to start while a part is missing, naming it
     missing = run_script(env=env)
     assert missing.returncode != 0 and "parts not in place yet: part-01" in missing.stderr
