@@ -75,6 +75,21 @@ def test_lower_layers_never_import_upper_ones(package):
         assert not bad, f"{path.relative_to(SERVICE)} imports {sorted(bad)}"
 
 
+#: What the batch command (an upper layer beside HTTP) takes from the HTTP layer: the settings (one
+#: configuration for both commands), and the request schema a JSONL line shares with POST /v1/generate.
+BATCH_MAY_IMPORT_FROM_HTTP = ("service.server.core.settings", "service.server.emu35.protocol",
+                              "service.server.core.serving_base")
+
+
+def test_the_batch_command_takes_only_settings_and_the_request_schema_from_http():
+    for path in sorted((SERVICE / "batch").rglob("*.py")):
+        bad = {m for m in imports_of(path, runtime_only=False)
+               if m.startswith("service.server") and m not in BATCH_MAY_IMPORT_FROM_HTTP}
+        assert not bad, f"{path.relative_to(SERVICE)} imports {sorted(bad)}"
+    assert any(m in BATCH_MAY_IMPORT_FROM_HTTP for p in (SERVICE / "batch").rglob("*.py")
+               for m in imports_of(p, runtime_only=False)), "the list is stale: batch imports none of it"
+
+
 def test_serving_never_imports_demo_or_test_code():
     """Importing the whole serving path (app, runner, engines' front ends) loads no tiny-model trainer."""
     code = ("import sys, service.server.run, service.server.app, service.task, service.engine.vllm_engine; "
