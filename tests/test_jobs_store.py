@@ -272,6 +272,33 @@ def test_dense_events_are_written_together_sparse_ones_at_once_and_all_in_order(
     run(scenario())
 
 
+def test_events_a_failed_write_could_not_store_go_with_the_next_write(tmp_path):
+    async def scenario():
+        s = await opened(None, tmp_path)
+        try:
+            job = await s.submit(NewJob("t2i", b"{}"))
+            await s.claim("w", 1, 30)
+            add_events, failures = s.add_events, [OSError("the store hiccuped")]
+
+            async def flaky(job_id, owner, events, progress=None):
+                if failures:
+                    raise failures.pop()
+                return await add_events(job_id, owner, events, progress)
+
+            s.add_events = flaky
+            report = JobReporter(s, job.id, "w", first_seq=1, write_every=0.2)
+            with pytest.raises(OSError):
+                await report.event("text", "a")  # written at once: the write fails
+            await report.event("text", "b")  # waits for the timer, which writes both
+            await asyncio.sleep(0.6)
+            assert [(e.seq, e.data) for e in await s.events(job.id)] == [(1, "a"), (2, "b")]
+            report.close()
+        finally:
+            await s.close()
+
+    run(scenario())
+
+
 def test_cancel_only_unfinished_and_delete_only_finished(store_url, tmp_path):
     async def scenario():
         s = await opened(store_url, tmp_path)

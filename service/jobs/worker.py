@@ -85,8 +85,13 @@ class JobReporter:
     async def _flush_after(self, wait: float) -> None:
         await asyncio.sleep(wait)
         self._timer = None
-        with contextlib.suppress(JobLost):  # the run's next event raises it; the lease renewal stops it meanwhile
+        try:
             await self.flush()
+        except JobLost:  # the run's next event raises it; the lease renewal stops it meanwhile
+            pass
+        except Exception:  # noqa: BLE001 - a store hiccup: the events wait for the next write
+            logger.warning("writing the events of job %s failed; retrying with the next ones", self.job_id,
+                           exc_info=True)
 
     async def flush(self) -> None:
         """Write the events that wait (and the progress)."""
@@ -95,10 +100,20 @@ class JobReporter:
                 return
             events, self._waiting = self._waiting, []
             self._last_write = time.monotonic()
-            if not await self.store.add_events(self.job_id, self.owner, events, self.progress):
-                self._lost = True
+            try:
+                held = await self.store.add_events(self.job_id, self.owner, events, self.progress)
+            except BaseException:
+                self._waiting[:0] = events  # not written: they go with the next write, still in order
+                raise
+            self._lost = self._lost or not held
         if self._lost:
             raise JobLost(self.job_id)
+
+    async def settle(self) -> None:
+        """The run ended without a result (it failed, or goes back to the queue): write what it streamed
+        while the job is still this replica's; a rerun numbers its events after them."""
+        with contextlib.suppress(JobLost):
+            await self.flush()
 
     def close(self) -> None:
         """The run ended: what still waits is dropped (only a finished job's events matter, and those
@@ -240,8 +255,7 @@ class JobWorker:
             reporter.finishing = True  # shielded: a cancel now must not cut the completing transaction
             done = await asyncio.shield(self.store.complete(job.id, owner, body))
         except JobFailed as exc:
-            with contextlib.suppress(JobLost):  # then fail() finds the job is no longer ours
-                await reporter.flush()
+            await reporter.settle()
             reporter.finishing = True
             done = await asyncio.shield(self.store.fail(job.id, owner, exc.message, exc.code))
         except JobLost:
@@ -249,8 +263,7 @@ class JobWorker:
         except JobRetry as exc:
             logger.warning("job %s goes back to the queue: %s", job.id, exc)
             done = False
-            with contextlib.suppress(JobLost):  # what it streamed stays; the rerun's events follow it
-                await reporter.flush()
+            await reporter.settle()
             await self.store.release(job.id, owner, count_attempt=exc.count_attempt)
         except asyncio.CancelledError:
             if self._stopping:  # give it back now rather than when its lease runs out
@@ -259,6 +272,7 @@ class JobWorker:
             raise
         except Exception:  # noqa: BLE001 - recorded on the job; the log has the traceback
             logger.exception("job %s failed", job.id)
+            await reporter.settle()
             done = await self.store.fail(job.id, owner, f"the generation failed (job {job.id})", "generation_failed")
         finally:
             reporter.close()
