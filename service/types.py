@@ -61,6 +61,45 @@ class SamplingOverride:
         )
 
 
+#: How an engine draws an image's cells (docs/design.md, decoding schedules). ``ar``: one token per
+#: forward pass, raster order. ``jacobi``: speculative Jacobi decoding, a window of ``draft_len`` draft
+#: tokens verified per pass (lossless: greedy ids equal ``ar``'s, samples keep its distribution).
+#: ``zipar``: next-set prediction, row r+1 opens once row r has ``window`` tokens (approximate; exactly
+#: ``ar`` when ``window`` ≥ the row width); with ``draft_len`` > 1 every open row is drafted with Jacobi.
+DecodingMode = Literal["ar", "jacobi", "zipar"]
+DECODING_MODES: tuple[str, ...] = get_args(DecodingMode)
+#: Bounds a request's decoding fields must keep (the HTTP layer turns a violation into a 400).
+MAX_DRAFT_LEN = 64
+MIN_WINDOW = 1
+MAX_WINDOW = 4096
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The schedule one request's images are drawn with. ``None`` fields take the engine's defaults for
+    the mode (:meth:`resolved`). Text is always decoded one token per pass."""
+
+    mode: DecodingMode = "ar"
+    draft_len: int | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODING_MODES:
+            raise ValueError(f"decoding.mode must be one of {DECODING_MODES}, got {self.mode!r}")
+        if self.draft_len is not None:
+            if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) \
+                    or not 1 <= self.draft_len <= MAX_DRAFT_LEN:
+                raise ValueError(f"decoding.draft_len must be an int in [1, {MAX_DRAFT_LEN}], got {self.draft_len!r}")
+            if self.mode == "ar":
+                raise ValueError("decoding.draft_len applies to the jacobi and zipar modes, not ar")
+        if self.window is not None:
+            if isinstance(self.window, bool) or not isinstance(self.window, int) \
+                    or not MIN_WINDOW <= self.window <= MAX_WINDOW:
+                raise ValueError(f"decoding.window must be an int in [{MIN_WINDOW}, {MAX_WINDOW}], got {self.window!r}")
+            if self.mode != "zipar":
+                raise ValueError("decoding.window applies to the zipar mode only")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One Emu3.5 generation. ``uncond_prompt`` is None (or ``cfg_scale == 1``) for no guidance;
@@ -79,6 +118,7 @@ class GenerationRequest:
     target_grid: tuple[int, int] | None = None
     seed: int | None = None
     uncond_mode: UncondMode = "lockstep"
+    decoding: Decoding = field(default_factory=Decoding)
     metadata: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
