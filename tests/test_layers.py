@@ -77,7 +77,7 @@ def test_lower_layers_never_import_upper_ones(package):
 
 #: What the batch command (an upper layer beside HTTP) takes from the HTTP layer: the settings (one
 #: configuration for both commands), and the request schema a JSONL line shares with POST /v1/generate.
-BATCH_MAY_IMPORT_FROM_HTTP = ("service.server.core.settings", "service.server.emu35.protocol",
+BATCH_MAY_IMPORT_FROM_HTTP = ("service.settings", "service.schema.emu35",
                               "service.server.core.serving_base")
 
 

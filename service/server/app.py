@@ -22,7 +22,6 @@ from service.server.core.errors import APIError, install_handlers, send_closing_
 from service.server.core.jobs import Jobs
 from service.server.core.openapi import install as install_openapi
 from service.server.core.runtime import Runtime
-from service.server.core.settings import Settings
 from service.server.emu35.routes import router as emu35_routes
 from service.server.emu35.serving import ServingGeneration
 from service.server.jobs.routes import router as jobs_routes
@@ -32,6 +31,7 @@ from service.server.ops.docs import router as docs
 from service.server.ops.playground import router as playground
 from service.server.ops.routes import router as operations
 from service.server.ops.routes import v1 as operations_v1
+from service.settings import Settings
 from service.task import model_kind
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from service.server.core.limiter import AdmissionLimiter
 from service.server.core.metrics import Metrics
 from service.server.core.records import RecordStore
-from service.server.core.settings import Settings
+from service.settings import Settings
 from service.task import AsyncEngine, GenerationRunner, build_engine, load_tokenizer, model_kind, start_vq_worker
 
 if TYPE_CHECKING:  # built by the task layer; only their types are named here

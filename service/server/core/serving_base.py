@@ -27,7 +27,6 @@ from service.server.core.errors import APIError, bad_request
 from service.server.core.image_io import image_bytes_from_text, open_image
 from service.server.core.jobs import JobSink, prefers_async, submit_job
 from service.server.core.limiter import Overloaded, Slot
-from service.server.core.protocol import SamplingOverrides
 from service.server.core.runtime import Runtime
 from service.server.core.streams import merge_streams
 from service.task import (
@@ -39,7 +38,6 @@ from service.task import (
     PlanError,
     Prepared,
     PreviewSchedule,
-    SamplingOverride,
 )
 
 T = TypeVar("T")
@@ -80,14 +78,6 @@ def new_request_id(prefix: str = "gen") -> str:
 
 def now() -> int:
     return int(time.time())
-
-
-def sampling_override(over: SamplingOverrides | None) -> SamplingOverride | None:
-    """The API's sampling fields as the task layer's override (None: all defaults)."""
-    if over is None:
-        return None
-    o = SamplingOverride(over.top_k, over.top_p, over.temperature)
-    return None if o.empty else o
 
 
 @dataclass(frozen=True)
