@@ -19,11 +19,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.limits import BODY_BYTES_PER_EXTRA_SECOND, MAX_TEXT_BODY_BYTES
 from service.server.core.errors import APIError, install_handlers, send_closing_error
-from service.server.core.jobs import Jobs
 from service.server.core.openapi import install as install_openapi
 from service.server.core.runtime import Runtime
 from service.server.emu35.routes import router as emu35_routes
 from service.server.emu35.serving import ServingGeneration
+from service.server.jobs.executor import Jobs
 from service.server.jobs.routes import router as jobs_routes
 from service.server.openai.routes import router as openai_routes
 from service.server.openai.serving import ServingOpenAIImages

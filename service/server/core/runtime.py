@@ -57,7 +57,7 @@ class Runtime:
     aborting_since: float | None = None  # when the drain aborted what was still running
     abort_task: asyncio.Task | None = None  # that abort (held so the loop cannot collect it mid-way)
     #: durable jobs: the serving class of each generation endpoint (a stored request runs through it),
-    #: the store and worker once open (service.server.core.jobs.Jobs), and who wants to hear of a free slot
+    #: the store and worker once open (service.server.jobs.executor.Jobs), and who wants to hear of a free slot
     job_servings: dict[str, Any] = field(default_factory=dict)
     jobs: Any = None
     limiter_listeners: list[Callable[[], None]] = field(default_factory=list)

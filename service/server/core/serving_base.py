@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from service.prompts import Task
 from service.server.core.errors import APIError, bad_request
 from service.server.core.image_io import image_bytes_from_text, open_image
-from service.server.core.jobs import JobSink, prefers_async, submit_job
+from service.server.core.jobs import JobSink, accept_job, prefers_async, store_job
 from service.server.core.limiter import Overloaded, Slot
 from service.server.core.runtime import Runtime
 from service.server.core.streams import merge_streams
@@ -173,7 +173,10 @@ class ServingBase:
     async def submit(self, endpoint: str, task: Task, params: Any, images: list[str | bytes],
                      request: Request) -> Response:
         """The request as a durable job: 202 with ``Location`` and the job resource."""
-        body = await submit_job(self, endpoint, task, params, images, request)
+        webhook = accept_job(self.rt, request, params)
+        job = await self.job(endpoint, task, params, images, request)
+        await self.check_plans(job)
+        body = await store_job(self.rt, endpoint, task, params, images, webhook, slots=len(job.inputs))
         return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"],
                                                             "Preference-Applied": "respond-async"})
 
