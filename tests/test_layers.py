@@ -132,6 +132,37 @@ def test_no_import_circle_between_the_projects_modules():
     assert circle is None, "import circle: " + " → ".join(circle or [])
 
 
+#: Core modules no family imports: they serve the process before any route is chosen (run.py's guard of
+#: every connection).
+PROCESS_LEVEL = {"service.server.core.connections"}
+
+
+def families_using(module: str, graph: dict[str, set[str]]) -> set[str]:
+    """The API families that import ``module``, directly or through other core modules."""
+    core = "service.server.core."
+    found: set[str] = set()
+    todo, seen = [module], {module}
+    while todo:
+        current = todo.pop()
+        for src, deps in graph.items():
+            if current not in deps or src in seen:
+                continue
+            seen.add(src)
+            if src.startswith(core):
+                todo.append(src)
+            elif src.startswith("service.server.") and src.split(".")[2] in HTTP_FAMILIES:
+                found.add(src.split(".")[2])
+    return found
+
+
+def test_the_core_holds_only_what_two_api_families_share():
+    graph = import_graph()
+    core = sorted(m for m in graph if m.startswith("service.server.core.") and m not in PROCESS_LEVEL)
+    assert core
+    lonely = {m: sorted(families_using(m, graph)) for m in core if len(families_using(m, graph)) < 2}
+    assert not lonely, f"core modules used by fewer than two API families (move them to their family): {lonely}"
+
+
 def test_the_circle_check_sees_a_circle(tmp_path):
     """The check above, on a made-up package where a imports b (type-only) and b imports a."""
     pkg = tmp_path / "service" / "pkg"
