@@ -688,11 +688,11 @@ def test_model_variant_flag_takes_and_lists_the_readme_values():
     assert "--model-variant {emu3.5,emu3.5-image}" in help_text
 
 
-def test_readme_names_the_tiny_cache_folder_the_code_uses():
+def test_quickstart_names_the_tiny_cache_folder_the_code_uses():
     from pathlib import Path
 
     from service.tiny.make import TINY_VERSION
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "quickstart.md").read_text()
     assert f"emu35-serve/tiny-v{TINY_VERSION}`" in readme
     assert not [v for v in range(TINY_VERSION) if f"tiny-v{v}`" in readme]
