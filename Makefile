@@ -10,12 +10,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 VENV011 ?= .venv-vllm011
 VENVCHECK ?= .venv-check
+VENVDOCS ?= .venv-docs
 # the fast lane's tools, pinned so a new release cannot turn CI red on its own
 CHECK_TOOLS ?= ruff==0.17.6 mypy==2.4.1
+# the docs site's tools, pinned likewise (MkDocs + Material; see docs/working-on-the-code.md for why not Zensical)
+DOCS_TOOLS ?= mkdocs==1.6.1 mkdocs-material==9.8.1 pymdown-extensions==13.1.2
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-flashar bench-jobs proto clean
+.PHONY: install install-vllm011 check docs docs-pages test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-flashar bench-jobs proto clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +41,22 @@ $(VENVCHECK)/.installed: Makefile
 	$(PYTHON) -m venv $(VENVCHECK)
 	$(VENVCHECK)/bin/pip install -q $(CHECK_TOOLS)
 	touch $@
+
+# The documentation site from docs/ (mkdocs build --strict: a broken link, anchor or a page missing
+# from the nav fails), into service/server/ops/guide/, which the service serves at /guide/. Seconds; the
+# fast lane runs it (.ci/run). Its own small venv, like the check tools.
+docs: $(VENVDOCS)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENVDOCS)/bin/mkdocs build --strict
+
+$(VENVDOCS)/.installed: Makefile
+	$(PYTHON) -m venv $(VENVDOCS)
+	$(VENVDOCS)/bin/pip install -q $(DOCS_TOOLS)
+	touch $@
+
+# Rewrite the pages that are copies of code (configuration, API reference) after changing settings or
+# routes; tests/test_docs.py fails while they differ from the code.
+docs-pages: install
+	$(BIN)/python scripts/gen_docs.py
 
 # The unit tests only (no server, no vLLM engine, no browser): seconds to a minute.
 test-quick: install
@@ -88,4 +107,4 @@ proto: install
 	$(BIN)/python scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) $(VENV011) $(VENVCHECK) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV011) $(VENVCHECK) $(VENVDOCS) service/server/ops/guide .pytest_cache .hypothesis

@@ -37,7 +37,7 @@ from service.batch.progress import LogProgress  # noqa: E402
 from service.batch.records import write_record  # noqa: E402
 from service.batch.release_config import read_release_config  # noqa: E402
 from service.batch.run import generate_one, plan_batch, run_batch, started_runner  # noqa: E402
-from service.server.core.settings import load_settings  # noqa: E402
+from service.settings import load_settings  # noqa: E402
 from service.tiny.make import ensure_tiny  # noqa: E402
 from service.tokenizer import Emu35Tokenizer  # noqa: E402
 from tests.batch_inputs import write_release_config  # noqa: E402

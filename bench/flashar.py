@@ -37,7 +37,7 @@ from service.engine.flashar.network import FlashARNetwork  # noqa: E402
 from service.task import GenerationOptions, plan_request  # noqa: E402
 from service.tokenizer import Emu35Tokenizer  # noqa: E402
 
-#: Emu3.5's transformer shape (DESIGN.md; 64 layers in the release).
+#: Emu3.5's transformer shape (docs/flashar.md §1; 64 layers in the release).
 REAL = dict(hidden_size=5120, intermediate_size=25600, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
             vocab_size=282926)
 

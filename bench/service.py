@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from service.server.app import create_app  # noqa: E402
 from service.server.core.runtime import Runtime  # noqa: E402
-from service.server.core.settings import Settings  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from service.tiny.make import ensure_tiny  # noqa: E402
 from service.token_layout import image_ids  # noqa: E402
 from service.types import (  # noqa: E402

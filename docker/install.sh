@@ -87,7 +87,7 @@ from importlib.metadata import entry_points
 
 import service.engine.in_vllm.plugin
 import service.record.story_pb2
-import service.server.core.settings
+import service.settings
 
 plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
 assert plugins.get("emu35") == "service.engine.in_vllm.plugin:register", plugins

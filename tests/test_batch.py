@@ -232,7 +232,7 @@ def test_a_release_config_is_fitted_to_the_engine_and_a_jsonl_line_is_not(tmp_pa
     fields are its request, left as asked."""
     from service.batch.cli import service_entries
     from service.prompts import ModelVariant
-    from service.server.core.settings import load_settings
+    from service.settings import load_settings
 
     demo = load_settings(["--demo", "--model-variant", "emu3.5-image"]).with_demo_defaults(tiny_dir)
     cfg = read_release_config(write_release_config(tmp_path / "c.py", ["p"], image_area=1024 * 1024,

@@ -17,7 +17,7 @@ from service.batch.release_config import read_release_config
 from service.batch.run import BatchSummary, plan_batch, run_batch, started_runner
 from service.batch.shard import shard
 from service.record.visualise import load_story, vis_main
-from service.server.core.settings import load_settings
+from service.settings import load_settings
 from tests.batch_inputs import write_image, write_jsonl, write_release_config
 from tests.test_vllm_engine import LoopThread
 

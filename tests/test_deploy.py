@@ -189,20 +189,20 @@ def check_operator_object(obj: dict) -> None:
 def app_paths() -> frozenset[str]:
     """Route paths of the real app, built without loading a model (its lifespan is not run)."""
     from service.server.app import create_app
-    from service.server.core.settings import Settings
+    from service.settings import Settings
 
     app = create_app(Settings(demo=True))
     return frozenset(getattr(r, "path", "") for r in app.routes)
 
 
 def setting_variables() -> set[str]:
-    from service.server.core.settings import ENV_PREFIX, Settings
+    from service.settings import ENV_PREFIX, Settings
 
     return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 
 
 def http_port_default() -> int:
-    from service.server.core.settings import Settings
+    from service.settings import Settings
 
     return Settings.model_fields["port"].default
 
@@ -483,7 +483,7 @@ def test_accelerators_equal_tensor_parallel_size(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_are_valid(overlay, monkeypatch):
     """The ConfigMap + the image's environment build a Settings object (types, enums, paths)."""
-    from service.server.core.settings import Settings
+    from service.settings import Settings
 
     env = dict(settings_env(objects(overlay)))
     env.update(dict(env_assignments(DOCKERFILES[overlay])))
@@ -651,7 +651,7 @@ def test_every_emu35_variable_is_a_setting():
         named |= {e["name"] for e in container(objs).get("env", []) if e["name"].startswith("EMU35_")}
     assert named, "no EMU35_ variable found"
     unknown = named - setting_variables()
-    assert not unknown, f"not settings (service/server/core/settings.py): {sorted(unknown)}"
+    assert not unknown, f"not settings (service/settings.py): {sorted(unknown)}"
 
 
 # ---- W8A8: the quantisation Job and the a2/a3 W8A8 overlays ---------------------------------------
@@ -724,7 +724,7 @@ def test_w8a8_job_quantises_the_model_into_the_served_folder(overlay):
 
 @pytest.mark.parametrize("overlay", W8A8_OVERLAYS)
 def test_w8a8_serving_pods_wait_for_the_export_and_need_no_quantization_setting(overlay, monkeypatch):
-    from service.server.core.settings import Settings
+    from service.settings import Settings
 
     objs = objects(overlay)
     env = settings_env(objs)

@@ -86,7 +86,7 @@ def test_volumes_prompts_and_output_fit_the_command():
 
 
 def test_the_example_prompts_and_settings_are_valid(tmp_path, monkeypatch):
-    from service.server.core.settings import Settings
+    from service.settings import Settings
 
     objs = batch_objects("a2")
     (tmp_path / "prompts.jsonl").write_text(config_map(objs, "emu35-batch-prompts")["data"]["prompts.jsonl"])

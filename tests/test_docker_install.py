@@ -46,7 +46,7 @@ def test_install_sh_keeps_the_base_torch_and_imports_the_service(tmp_path):
                           env={**os.environ, "PYTHON": str(python), "PATH": f"{env / 'bin'}:{os.environ['PATH']}",
                                "PYTHONPATH": ""})
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    probe = ("import torch, service.server.core.settings, service.engine.in_vllm.plugin as p; "
+    probe = ("import torch, service.settings, service.engine.in_vllm.plugin as p; "
              "print(torch.__version__); print(torch.__file__); print(p.__file__)")
     torch_version, torch_file, plugin_file = subprocess.run(
         [str(python), "-c", probe], cwd="/", capture_output=True, text=True, check=True,

@@ -62,7 +62,7 @@ def test_nolast_event_id_starts_at_the_beginning():
 @given(st.lists(st.one_of(st.binary(max_size=64), st.text(max_size=64)), max_size=3))
 def test_a_stored_request_round_trips(images):
     from service.prompts import Task
-    from service.server.emu35.protocol import T2IRequest
+    from service.schema.emu35 import T2IRequest
 
     params = T2IRequest(prompt="a fox", seed=3)
     stored = decode_spec(encode_spec("t2i", Task.T2I, params, images))

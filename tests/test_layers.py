@@ -4,6 +4,7 @@ demo and test code. Read from the import statements, so a new upward or sideways
 from __future__ import annotations
 
 import ast
+import graphlib
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 SERVICE = Path(__file__).resolve().parents[1] / "service"
 #: What the HTTP layer may import: itself, the task package, and the shared vocabulary below it.
 HTTP_MAY_IMPORT = ("service.server", "service.jobs", "service.task", "service.types", "service.limits", "service.prompts",
-                   "service.atomic_file")
+                   "service.atomic_file", "service.settings", "service.schema")
 
 
 def imports_of(path: Path, *, runtime_only: bool) -> set[str]:
@@ -75,19 +76,104 @@ def test_lower_layers_never_import_upper_ones(package):
         assert not bad, f"{path.relative_to(SERVICE)} imports {sorted(bad)}"
 
 
-#: What the batch command (an upper layer beside HTTP) takes from the HTTP layer: the settings (one
-#: configuration for both commands), and the request schema a JSONL line shares with POST /v1/generate.
-BATCH_MAY_IMPORT_FROM_HTTP = ("service.server.core.settings", "service.server.emu35.protocol",
-                              "service.server.core.serving_base")
-
-
-def test_the_batch_command_takes_only_settings_and_the_request_schema_from_http():
+def test_the_batch_command_imports_nothing_from_the_http_layer():
+    """The settings and the request schema a JSONL line shares with POST /v1/generate live below both
+    commands (service.settings, service.schema); the batch command needs nothing else of HTTP's."""
     for path in sorted((SERVICE / "batch").rglob("*.py")):
-        bad = {m for m in imports_of(path, runtime_only=False)
-               if m.startswith("service.server") and m not in BATCH_MAY_IMPORT_FROM_HTTP}
+        bad = {m for m in imports_of(path, runtime_only=False) if m.startswith("service.server")}
         assert not bad, f"{path.relative_to(SERVICE)} imports {sorted(bad)}"
-    assert any(m in BATCH_MAY_IMPORT_FROM_HTTP for p in (SERVICE / "batch").rglob("*.py")
-               for m in imports_of(p, runtime_only=False)), "the list is stale: batch imports none of it"
+    shared = {m for p in (SERVICE / "batch").rglob("*.py") for m in imports_of(p, runtime_only=False)}
+    assert {"service.settings", "service.schema.emu35"} <= shared, "the shared modules moved: update this test"
+
+
+@pytest.mark.parametrize("package", ["settings", "schema"])
+def test_what_both_commands_share_imports_neither(package):
+    path = SERVICE / f"{package}.py"
+    paths = [path] if path.exists() else sorted((SERVICE / package).rglob("*.py"))
+    assert paths
+    for p in paths:
+        bad = {m for m in imports_of(p, runtime_only=False) if m.startswith(("service.server", "service.batch"))}
+        assert not bad, f"{p.relative_to(SERVICE)} imports {sorted(bad)}"
+
+
+def module_name(path: Path, root: Path = SERVICE) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = SERVICE) -> dict[str, set[str]]:
+    """Each module of the project → the project's modules it names in an import (type-only imports too:
+    a circle drawn only for the type checker still means two modules that cannot be read apart).
+    ``from package import name`` counts the package and, when ``name`` is a module, that module."""
+    modules = {module_name(p, root): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        named: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                named |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                named |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        graph[name] = {m for m in named if m in modules and m != name}
+    return graph
+
+
+def import_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of ``graph`` (its modules, the first repeated at the end), or None."""
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        return list(exc.args[1])
+    return None
+
+
+def test_no_import_circle_between_the_projects_modules():
+    circle = import_circle(import_graph())
+    assert circle is None, "import circle: " + " → ".join(circle or [])
+
+
+#: Core modules no family imports: they serve the process before any route is chosen (run.py's guard of
+#: every connection).
+PROCESS_LEVEL = {"service.server.core.connections"}
+
+
+def families_using(module: str, graph: dict[str, set[str]]) -> set[str]:
+    """The API families that import ``module``, directly or through other core modules."""
+    core = "service.server.core."
+    found: set[str] = set()
+    todo, seen = [module], {module}
+    while todo:
+        current = todo.pop()
+        for src, deps in graph.items():
+            if current not in deps or src in seen:
+                continue
+            seen.add(src)
+            if src.startswith(core):
+                todo.append(src)
+            elif src.startswith("service.server.") and src.split(".")[2] in HTTP_FAMILIES:
+                found.add(src.split(".")[2])
+    return found
+
+
+def test_the_core_holds_only_what_two_api_families_share():
+    graph = import_graph()
+    core = sorted(m for m in graph if m.startswith("service.server.core.") and m not in PROCESS_LEVEL)
+    assert core
+    lonely = {m: sorted(families_using(m, graph)) for m in core if len(families_using(m, graph)) < 2}
+    assert not lonely, f"core modules used by fewer than two API families (move them to their family): {lonely}"
+
+
+def test_the_circle_check_sees_a_circle(tmp_path):
+    """The check above, on a made-up package where a imports b (type-only) and b imports a."""
+    pkg = tmp_path / "service" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from service.pkg.b import B\n")
+    (pkg / "b.py").write_text("from service.pkg import a\n")
+    graph = import_graph(tmp_path / "service")
+    assert set(import_circle(graph) or []) == {"service.pkg.a", "service.pkg.b"}
+    (pkg / "b.py").write_text("import json\n")
+    assert import_circle(import_graph(tmp_path / "service")) is None
 
 
 def test_serving_never_imports_demo_or_test_code():

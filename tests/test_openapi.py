@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 from service.server.app import create_app
-from service.server.core.settings import Settings
+from service.settings import Settings
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
 

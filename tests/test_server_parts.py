@@ -20,7 +20,7 @@ from service.server.core.errors import APIError
 from service.server.core.image_io import image_bytes_from_text, open_image
 from service.server.core.limiter import AdmissionLimiter, Overloaded
 from service.server.core.records import RecordStore, valid_record_id
-from service.server.core.settings import DEMO_IMAGE_AREA, Settings, load_settings
+from service.settings import DEMO_IMAGE_AREA, Settings, load_settings
 
 
 def png(w=32, h=24, fmt="PNG") -> bytes:
@@ -678,7 +678,7 @@ def test_model_variant_flag_takes_and_lists_the_readme_values():
     import sys
 
     from service.prompts import ModelVariant
-    from service.server.core.settings import load_settings
+    from service.settings import load_settings
 
     assert load_settings(["--demo", "--model-variant", "emu3.5-image"]).variant is ModelVariant.EMU35_IMAGE
     with pytest.raises(ValueError):
@@ -688,11 +688,11 @@ def test_model_variant_flag_takes_and_lists_the_readme_values():
     assert "--model-variant {emu3.5,emu3.5-image}" in help_text
 
 
-def test_readme_names_the_tiny_cache_folder_the_code_uses():
+def test_quickstart_names_the_tiny_cache_folder_the_code_uses():
     from pathlib import Path
 
     from service.tiny.make import TINY_VERSION
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "quickstart.md").read_text()
     assert f"emu35-serve/tiny-v{TINY_VERSION}`" in readme
     assert not [v for v in range(TINY_VERSION) if f"tiny-v{v}`" in readme]

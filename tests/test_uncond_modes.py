@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from service.engine.policy.admission import Budget, Candidate, blocks_for, decide
 from service.engine.policy.pairing import COND, UNCOND, UNCOND_SUFFIX, RowSpec, image_uncond, row_specs
 from service.engine.policy.spans import ImageSpans, SpanTokens, header_grid, image_body_tokens
-from service.server.emu35.protocol import InterleavedRequest, T2IRequest
+from service.schema.emu35 import InterleavedRequest, T2IRequest
 from service.task import GenerationOptions, plan_request
 from service.token_layout import ImageSegment, parse
 from service.types import GenerationRequest, SamplingSettings

@@ -140,7 +140,7 @@ def test_serve_refuses_an_inconsistent_checkpoint_at_start(tiny_w8a8, tmp_path):
 def test_demo_serves_a_w8a8_export_in_bfloat16_unless_dtype_is_set(tiny_w8a8, tiny_dir):
     """vLLM's CPU int8 kernel takes bf16/half activations: the demo's float32 default would kill the
     start-up probe, so a W8A8 export defaults to bfloat16; the unquantised tiny model keeps float32."""
-    from service.server.core.settings import load_settings
+    from service.settings import load_settings
     from service.task.resources import serves_int8_on_cpu
 
     w8a8 = tiny_w8a8 / "w8a8"

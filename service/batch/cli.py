@@ -29,7 +29,7 @@ from service.batch.progress import make_progress
 from service.batch.release_config import read_release_config
 from service.batch.run import BatchSummary, plan_batch, run_batch, started_runner
 from service.batch.shard import JOB_INDEX_ENV, check_shard, default_worker_id, shard
-from service.server.core.settings import ENV_PREFIX, Settings, load_settings
+from service.settings import ENV_PREFIX, Settings, load_settings
 from service.task import CheckpointError, check_model
 
 PROG = "emu35-generate"

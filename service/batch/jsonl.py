@@ -18,8 +18,8 @@ from pydantic import Field, ValidationError
 
 from service.batch.items import Item, ItemError, check_image_paths, check_name
 from service.batch.job import BatchJob, InputError
-from service.server.core.serving_base import sampling_override
-from service.server.emu35.protocol import GenerateRequest
+from service.schema.common import sampling_override
+from service.schema.emu35 import GenerateRequest
 from service.task import GenerationOptions
 
 

@@ -19,19 +19,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.limits import BODY_BYTES_PER_EXTRA_SECOND, MAX_TEXT_BODY_BYTES
 from service.server.core.errors import APIError, install_handlers, send_closing_error
-from service.server.core.jobs import Jobs
 from service.server.core.openapi import install as install_openapi
 from service.server.core.runtime import Runtime
-from service.server.core.settings import Settings
 from service.server.emu35.routes import router as emu35_routes
 from service.server.emu35.serving import ServingGeneration
+from service.server.jobs.executor import Jobs
 from service.server.jobs.routes import router as jobs_routes
 from service.server.openai.routes import router as openai_routes
 from service.server.openai.serving import ServingOpenAIImages
 from service.server.ops.docs import router as docs
+from service.server.ops.guide import router as guide
 from service.server.ops.playground import router as playground
 from service.server.ops.routes import router as operations
 from service.server.ops.routes import v1 as operations_v1
+from service.settings import Settings
 from service.task import model_kind
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ ENDPOINT_LABELS = {
     "/v1/generate": "generate", "/v1/images/generations": "images_generations", "/v1/images/edits": "images_edits",
     "/v1/models": "models", "/v1/records": "records", "/v1/jobs": "jobs", "/health": "health", "/ready": "ready",
     "/metrics": "metrics",
-    "/": "playground", "/docs": "docs",
+    "/": "playground", "/docs": "docs", "/guide": "guide",
 }
 
 
@@ -56,6 +57,8 @@ def endpoint_label(path: str) -> str:
         return "jobs"
     if path.startswith("/docs/"):
         return "docs"
+    if path.startswith("/guide/"):
+        return "guide"
     return "other"
 
 
@@ -213,7 +216,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         runtime.job_servings.update(dict.fromkeys(serving.job_params, serving))
     install_handlers(app)
     install_openapi(app, auth=settings.api_key is not None)
-    for router in (operations, operations_v1, emu35_routes, openai_routes, jobs_routes, playground, docs):
+    for router in (operations, operations_v1, emu35_routes, openai_routes, jobs_routes, playground, docs,
+                   guide):
         app.include_router(router)
     app.add_middleware(BodyGuardMiddleware, image_limit=max_body_bytes(settings), timeout=settings.body_timeout)
     app.add_middleware(RequestMetricsMiddleware, runtime=runtime)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from service.server.core.connections import guarded_h11
 from service.server.core.runtime import Runtime
-from service.server.core.settings import Settings, load_settings
+from service.settings import Settings, load_settings
 from service.task import CheckpointError, check_model
 
 logger = logging.getLogger("service.server")

@@ -23,7 +23,7 @@ NOISE = 0.05
 
 
 def flashar_config(base: dict, vertical_layers: int) -> dict:
-    """``config.json`` with the fields of the release's ``checkpoint_utils`` (flashar.md §2)."""
+    """``config.json`` with the fields of the release's ``checkpoint_utils`` (docs/flashar.md §2)."""
     layers = int(base["num_hidden_layers"])
     return {
         "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "format": "hf_safetensors", "format_version": 1,

@@ -1,4 +1,4 @@
-"""The FlashAR checkpoint format (/work/shared/flashar.md §2), recognised and loaded strictly.
+"""The FlashAR checkpoint format (docs/flashar.md §2), recognised and loaded strictly.
 
 A FlashAR folder has ``config.json`` with ``model_type: "emu3_flashar"`` and safetensors whose names
 start with ``backbone.`` plus the two heads, the vertical block and the gates. Loading checks every

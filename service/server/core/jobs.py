@@ -1,36 +1,30 @@
 """What every generation route shares about durable jobs: recognising ``Prefer: respond-async``, storing
-a checked request so any replica can run it later, rendering the job resource, and running a stored
-request through the same serving class as the synchronous route (the job store's executor).
+a checked request so any replica can run it later, rendering the job resource, and what a running job
+hears of its events (:class:`JobSink`).
 
-The store, the worker and the webhooks live below HTTP in :mod:`service.jobs`; the ``/v1/jobs`` routes are
-the ``jobs`` family. This module is the core's part because the generation families submit jobs too.
+The store, the worker and the webhooks live below HTTP in :mod:`service.jobs`; the ``/v1/jobs`` routes,
+the store's executor (a stored request run through its route's serving class) and the process's
+:class:`~service.server.jobs.executor.Jobs` are the ``jobs`` family. This module is the core's part because
+the generation families submit jobs too; it knows no serving class, so the serving template can import it.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncGenerator, cast
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
 from service.jobs import (
-    JobFailed,
     JobReporter,
-    JobRetry,
     JobRow,
     JobStore,
-    JobWorker,
     NewJob,
     WebhookRefused,
-    WebhookSender,
-    WorkerConfig,
     check_webhook_url,
-    open_store,
 )
 from service.prompts import Task
 from service.server.core.errors import APIError, bad_request
@@ -38,22 +32,8 @@ from service.task import Finished, ImageProgress, ImageReady
 
 if TYPE_CHECKING:
     from service.server.core.runtime import Runtime
-    from service.server.core.serving_base import ServingBase
 
 logger = logging.getLogger(__name__)
-
-#: Error codes that mean "this replica could not finish it", not "the request is bad": queued again.
-RETRYABLE_CODES = frozenset({"engine_unavailable", "shutting_down", "overloaded", "model_loading"})
-#: ... of which these do not count as an attempt (the replica was busy or stopping; nothing went wrong).
-UNCOUNTED_CODES = frozenset({"shutting_down", "overloaded", "model_loading"})
-
-
-def _failure(message: str, code: str) -> Exception:
-    """What a job's failure with ``code`` means for the worker: back to the queue, or failed."""
-    if code in RETRYABLE_CODES:
-        return JobRetry(message, count_attempt=code not in UNCOUNTED_CODES)
-    return JobFailed(message, code)
-
 
 def prefers_async(request: Request) -> bool:
     """True when a ``Prefer`` header asks for ``respond-async`` (RFC 7240: a list of preferences, each a
@@ -139,95 +119,25 @@ class JobSink:
         self.error = (message, code)
 
 
-def _no_client_request(endpoint: str) -> Request:
-    """A request with no client behind it: what a serving class's ``job`` reads of one (headers) is
-    empty, so a stored request runs as the JSON route would run it."""
-    return Request({"type": "http", "method": "POST", "path": f"/v1/{endpoint}", "headers": [], "query_string": b""})
+def accept_job(runtime: Runtime, request: Request, params: Any) -> str | None:
+    """What a job needs before its request is checked: an open store (503 while it opens) and an allowed
+    webhook (400); the webhook, if any."""
+    if runtime.jobs is None:
+        raise APIError(503, "the job store is not open yet", "model_loading", headers={"Retry-After": "5"})
+    return webhook_of(request, params, runtime.settings.webhook_allow_hosts)
 
 
-class ServingExecutor:
-    """The job store's executor: a stored request runs through its route's serving class, exactly the
-    streaming path (so its events are the route's SSE events), and its answer is the route's JSON body."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.rt = runtime
-
-    def free_slots(self) -> int:
-        if self.rt.state != "ready":
-            return 0
-        lim = self.rt.limiter
-        return max(0, lim.slots - lim.active - lim.waiting)
-
-    async def run(self, row: JobRow, report: JobReporter) -> bytes:
-        stored = decode_spec(row.spec)
-        serving: ServingBase = self.rt.job_servings[stored.endpoint]
-        try:
-            params = serving.job_params[stored.endpoint].model_validate(stored.params)
-            job = await serving.job(stored.endpoint, stored.task, params, stored.images, _no_client_request(stored.endpoint))
-            admitted = await serving._admit_all(job)
-        except APIError as exc:
-            raise _failure(exc.message, exc.code) from None
-        report.admitted.set()
-        sink = JobSink(report, len(job.inputs))
-        events = cast(AsyncGenerator[dict[str, str], None], serving._events(job, admitted, sink))
-        async with contextlib.aclosing(events):  # a lost job stops here: its slots and engine pair are freed
-            async for sse in events:
-                await report.event(sse.get("event", "message"), sse["data"])
-        if sink.error is not None:
-            raise _failure(*sink.error)
-        response = await serving.render(job, sink.outcomes)
-        return bytes(response.body)
-
-    def webhook_body(self, job: JobRow) -> bytes:
-        store = self.rt.jobs.store if self.rt.jobs is not None else None
-        assert store is not None
-        return json.dumps(job_resource(job, store)).encode()
-
-
-@dataclass
-class Jobs:
-    """The job store, worker and webhook sender of one process."""
-
-    store: JobStore
-    worker: JobWorker
-    webhooks: WebhookSender
-
-    @classmethod
-    async def open(cls, runtime: Runtime) -> Jobs:
-        s = runtime.settings
-        results = Path(s.output_dir) / "jobs" if s.output_dir is not None else None
-        store = await open_store(s.job_store, s.state_dir, results, ttl=s.job_ttl)
-        secret = s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None
-        webhooks = WebhookSender(secret)
-        config = WorkerConfig(lease=s.job_lease, max_attempts=s.job_max_attempts)
-        if s.replica_id:
-            config.owner = s.replica_id
-        worker = JobWorker(store, ServingExecutor(runtime), config, webhooks, runtime.metrics)
-        jobs = cls(store, worker, webhooks)
-        runtime.jobs = jobs
-        runtime.limiter_listeners.append(worker.wake)
-        await worker.start()
-        return jobs
-
-    async def close(self) -> None:
-        await self.worker.stop()
-        await self.webhooks.close()
-        await self.store.close()
-
-
-async def submit_job(serving: ServingBase, endpoint: str, task: Task, params: Any, images: list[str | bytes],
-                     request: Request) -> dict[str, Any]:
-    """Check the request as the synchronous route would, then store it; the job resource (queued)."""
-    rt = serving.rt
+async def store_job(runtime: Runtime, endpoint: str, task: Task, params: Any, images: list[str | bytes],
+                    webhook: str | None, slots: int) -> dict[str, Any]:
+    """Store a request its serving class has checked as the synchronous route would (a job of ``slots``
+    generations); the job resource (queued)."""
+    rt = runtime
     if rt.jobs is None:
         raise APIError(503, "the job store is not open yet", "model_loading", headers={"Retry-After": "5"})
-    webhook = webhook_of(request, params, rt.settings.webhook_allow_hosts)
-    job = await serving.job(endpoint, task, params, images, request)
-    await serving.check_plans(job)
-    if len(job.inputs) > rt.limiter.slots:
-        raise bad_request(f"this job needs {len(job.inputs)} generation slots; this server has {rt.limiter.slots}",
+    if slots > rt.limiter.slots:
+        raise bad_request(f"this job needs {slots} generation slots; this server has {rt.limiter.slots}",
                           "too_many_generations", "n")
     row = await rt.jobs.store.submit(NewJob(endpoint, encode_spec(endpoint, task, params, images),
-                                            slots=len(job.inputs), webhook=webhook))
+                                            slots=slots, webhook=webhook))
     rt.jobs.worker.wake()
     return job_resource(row, rt.jobs.store)

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from service.server.core.protocol import ErrorResponse
+from service.schema.common import ErrorResponse
 
 _ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from service.server.core.limiter import AdmissionLimiter
 from service.server.core.metrics import Metrics
 from service.server.core.records import RecordStore
-from service.server.core.settings import Settings
+from service.settings import Settings
 from service.task import AsyncEngine, GenerationRunner, build_engine, load_tokenizer, model_kind, start_vq_worker
 
 if TYPE_CHECKING:  # built by the task layer; only their types are named here
@@ -57,7 +57,7 @@ class Runtime:
     aborting_since: float | None = None  # when the drain aborted what was still running
     abort_task: asyncio.Task | None = None  # that abort (held so the loop cannot collect it mid-way)
     #: durable jobs: the serving class of each generation endpoint (a stored request runs through it),
-    #: the store and worker once open (service.server.core.jobs.Jobs), and who wants to hear of a free slot
+    #: the store and worker once open (service.server.jobs.executor.Jobs), and who wants to hear of a free slot
     job_servings: dict[str, Any] = field(default_factory=dict)
     jobs: Any = None
     limiter_listeners: list[Callable[[], None]] = field(default_factory=list)

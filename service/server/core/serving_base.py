@@ -25,9 +25,8 @@ from pydantic import BaseModel
 from service.prompts import Task
 from service.server.core.errors import APIError, bad_request
 from service.server.core.image_io import image_bytes_from_text, open_image
-from service.server.core.jobs import JobSink, prefers_async, submit_job
+from service.server.core.jobs import JobSink, accept_job, prefers_async, store_job
 from service.server.core.limiter import Overloaded, Slot
-from service.server.core.protocol import SamplingOverrides
 from service.server.core.runtime import Runtime
 from service.server.core.streams import merge_streams
 from service.task import (
@@ -39,7 +38,6 @@ from service.task import (
     PlanError,
     Prepared,
     PreviewSchedule,
-    SamplingOverride,
 )
 
 T = TypeVar("T")
@@ -80,14 +78,6 @@ def new_request_id(prefix: str = "gen") -> str:
 
 def now() -> int:
     return int(time.time())
-
-
-def sampling_override(over: SamplingOverrides | None) -> SamplingOverride | None:
-    """The API's sampling fields as the task layer's override (None: all defaults)."""
-    if over is None:
-        return None
-    o = SamplingOverride(over.top_k, over.top_p, over.temperature)
-    return None if o.empty else o
 
 
 @dataclass(frozen=True)
@@ -183,7 +173,10 @@ class ServingBase:
     async def submit(self, endpoint: str, task: Task, params: Any, images: list[str | bytes],
                      request: Request) -> Response:
         """The request as a durable job: 202 with ``Location`` and the job resource."""
-        body = await submit_job(self, endpoint, task, params, images, request)
+        webhook = accept_job(self.rt, request, params)
+        job = await self.job(endpoint, task, params, images, request)
+        await self.check_plans(job)
+        body = await store_job(self.rt, endpoint, task, params, images, webhook, slots=len(job.inputs))
         return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"],
                                                             "Preference-Applied": "respond-async"})
 

@@ -11,8 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.server.core.image_io import b64, encode_image
-from service.server.emu35.protocol import (
+from service.schema.emu35 import (
     DoneData,
     GenerationResponse,
     ImageData,
@@ -25,6 +24,7 @@ from service.server.emu35.protocol import (
     Timings,
     UsageData,
 )
+from service.server.core.image_io import b64, encode_image
 from service.task import ImageProgress, ImageReady, ImageStart, Outcome, TextOut
 
 

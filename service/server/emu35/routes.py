@@ -10,12 +10,7 @@ from fastapi.responses import Response
 
 from service.limits import MAX_REFERENCE_IMAGES
 from service.prompts import Task
-from service.server.core.deps import is_json, read_multipart, require_json
-from service.server.core.errors import APIError
-from service.server.core.openapi import event_stream_schema, inline_schema
-from service.server.core.routing import GENERATION_ERRORS, multipart_openapi, v1_router, validate
-from service.server.core.runtime import Runtime
-from service.server.emu35.protocol import (
+from service.schema.emu35 import (
     GENERATION_EVENTS,
     GenerateRequest,
     GenerationResponse,
@@ -23,6 +18,11 @@ from service.server.emu35.protocol import (
     T2IRequest,
     X2IRequest,
 )
+from service.server.core.deps import is_json, read_multipart, require_json
+from service.server.core.errors import APIError
+from service.server.core.openapi import event_stream_schema, inline_schema
+from service.server.core.routing import GENERATION_ERRORS, multipart_openapi, v1_router, validate
+from service.server.core.runtime import Runtime
 from service.server.emu35.serving import ServingGeneration
 
 GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {

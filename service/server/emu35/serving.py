@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from service.prompts import Task
-from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
-from service.server.emu35.protocol import GenerateRequest, GenerationParams, InterleavedRequest, T2IRequest, X2IRequest
+from service.schema.common import sampling_override
+from service.schema.emu35 import GenerateRequest, GenerationParams, InterleavedRequest, T2IRequest, X2IRequest
+from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now
 from service.server.emu35.render import done_event, error_event, generation_body, sse_message
 from service.task import Finished, GenerationInput, GenerationOptions, Outcome, PreviewSchedule
 

@@ -11,11 +11,12 @@ from sse_starlette import EventSourceResponse
 from service.jobs import follow_events
 from service.server.core.deps import get_runtime
 from service.server.core.errors import APIError, bad_request
-from service.server.core.jobs import Jobs, job_resource
+from service.server.core.jobs import job_resource
 from service.server.core.openapi import error_responses
 from service.server.core.routing import v1_router
 from service.server.core.runtime import Runtime
 from service.server.core.serving_base import SSE_PING_SECONDS
+from service.server.jobs.executor import Jobs
 from service.server.jobs.protocol import Job, JobDeleted, JobList, JobStatus
 
 router = v1_router(tags=["jobs"])

@@ -19,7 +19,7 @@ from service.limits import (
     MIN_GUIDANCE_SCALE,
     MIN_IMAGE_AREA,
 )
-from service.server.core.protocol import WEBHOOK_FIELD_DESCRIPTION, ErrorDetail, Prompt, SamplingOverrides
+from service.schema.common import WEBHOOK_FIELD_DESCRIPTION, ErrorDetail, Prompt, SamplingOverrides
 
 #: OpenAI's ``quality`` values (``standard`` / ``hd``: DALL·E's); what each maps to is in openai_images.py.
 OpenAIQuality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]

@@ -10,9 +10,9 @@ from typing import Any
 
 from PIL import Image
 
+from service.schema.common import ErrorDetail
 from service.server.core.errors import APIError
 from service.server.core.image_io import b64, encode_image
-from service.server.core.protocol import ErrorDetail
 from service.server.openai.mapping import OpenAIOutput
 from service.server.openai.protocol import (
     OpenAIImage,

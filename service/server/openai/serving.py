@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from service.prompts import Task
+from service.schema.common import sampling_override
 from service.server.core.errors import APIError, bad_request
-from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
+from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now
 from service.server.openai.mapping import DEFAULT_COMPRESSION, OpenAIOutput, quality_preset, size_spec
 from service.server.openai.protocol import OpenAIImageEditParams, OpenAIImageParams
 from service.server.openai.render import OpenAIStreamRenderer, openai_error_event, openai_images_body

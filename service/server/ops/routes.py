@@ -7,11 +7,11 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
+from service.schema.common import ModelCard, ModelList, ServiceStatus
 from service.server.core.deps import get_runtime, optional_api_key, require_api_key
 from service.server.core.errors import APIError
 from service.server.core.metrics import CONTENT_TYPE
 from service.server.core.openapi import error_responses
-from service.server.core.protocol import ModelCard, ModelList, ServiceStatus
 from service.server.core.records import valid_record_id
 from service.server.core.routing import v1_router
 from service.server.core.runtime import Runtime

@@ -1,4 +1,5 @@
-"""The API's request and response models (they are also the OpenAPI schema).
+"""The Emu3.5 routes' request and response models (they are also the OpenAPI schema); a batch JSONL line is a
+``GenerateRequest`` too.
 
 Requests forbid unknown fields: a typo such as ``guidence_scale`` is a 400 naming the field, not a
 silently ignored setting. Numbers and booleans are strict (``"seed": "1"``, ``"stream": 0`` and
@@ -22,7 +23,7 @@ from service.limits import (
     MIN_IMAGE_AREA,
 )
 from service.prompts import ASPECT_RATIOS, Task
-from service.server.core.protocol import (
+from service.schema.common import (
     EXAMPLE_PNG,
     WEBHOOK_FIELD_DESCRIPTION,
     Prompt,

@@ -1,6 +1,6 @@
 """The API's shared models: prompts, sampling overrides, the error shape, the service's status and the model
-list. Each API family's own request and response models live in its folder (``emu35/protocol.py``,
-``openai/protocol.py``).
+list. The Emu3.5 routes' models are in :mod:`service.schema.emu35` (the batch command reads the same request);
+the OpenAI family's own models are in ``service/server/openai/protocol.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.limits import MAX_PROMPT_CHARS, MAX_TEMPERATURE
+from service.types import SamplingOverride
 
 
 def _not_blank(v: str) -> str:
@@ -44,6 +45,14 @@ class SamplingOverrides(_Strict):
     top_k: int | None = Field(None, ge=1, strict=True, description="keep the k most likely tokens")
     top_p: float | None = Field(None, gt=0, le=1, strict=True, description="nucleus mass")
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, strict=True, description="0 = greedy")
+
+
+def sampling_override(over: SamplingOverrides | None) -> SamplingOverride | None:
+    """The API's sampling fields as the task layer's override (None: all defaults)."""
+    if over is None:
+        return None
+    o = SamplingOverride(over.top_k, over.top_p, over.temperature)
+    return None if o.empty else o
 
 
 #: The ``webhook`` extension field of every generation request (the ``Webhook`` header is the other way).
