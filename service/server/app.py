@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.jobs.redact import redact_store_url
 from service.limits import BODY_BYTES_PER_EXTRA_SECOND, MAX_TEXT_BODY_BYTES
 from service.server.core.errors import APIError, install_handlers, send_closing_error
 from service.server.core.jobs import Jobs
@@ -224,6 +225,7 @@ def describe(settings: Settings) -> dict[str, Any]:
     """What the service runs with, for the startup log (no secrets)."""
     data = settings.model_dump(mode="json", exclude={"api_key"})
     data["api_key"] = "set" if settings.api_key else None
+    data["job_store"] = redact_store_url(settings.job_store)  # its password is no business of a log
     data["engine"] = "flashar" if model_kind(settings) == "flashar" else settings.engine_kind
     data["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return data

@@ -39,6 +39,7 @@ from service.task import Finished, ImageProgress, ImageReady
 if TYPE_CHECKING:
     from service.server.core.runtime import Runtime
     from service.server.core.serving_base import ServingBase
+    from service.server.core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,14 @@ def prefers_async(request: Request) -> bool:
     return False
 
 
-def webhook_of(request: Request, params: Any, allow_hosts: list[str]) -> str | None:
-    """The job's webhook, from the ``Webhook`` header or the body's ``webhook`` field; 400 when its host
-    is not allowed."""
+def webhook_of(request: Request, params: Any, settings: Settings) -> str | None:
+    """The job's webhook, from the ``Webhook`` header or the body's ``webhook`` field; 400 naming the field
+    when the URL is malformed or its host, port or address is not allowed."""
     url = request.headers.get("webhook") or getattr(params, "webhook", None)
     if not url:
         return None
     try:
-        return check_webhook_url(url, allow_hosts)
+        return check_webhook_url(url, settings.webhook_allow_hosts, settings.webhook_allow_private)
     except WebhookRefused as exc:
         raise bad_request(str(exc), "webhook_not_allowed", "webhook") from None
 
@@ -198,7 +199,7 @@ class Jobs:
         results = Path(s.output_dir) / "jobs" if s.output_dir is not None else None
         store = await open_store(s.job_store, s.state_dir, results, ttl=s.job_ttl)
         secret = s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None
-        webhooks = WebhookSender(secret)
+        webhooks = WebhookSender(secret, allow_hosts=s.webhook_allow_hosts, allow_private=s.webhook_allow_private)
         config = WorkerConfig(lease=s.job_lease, max_attempts=s.job_max_attempts)
         if s.replica_id:
             config.owner = s.replica_id
@@ -221,7 +222,7 @@ async def submit_job(serving: ServingBase, endpoint: str, task: Task, params: An
     rt = serving.rt
     if rt.jobs is None:
         raise APIError(503, "the job store is not open yet", "model_loading", headers={"Retry-After": "5"})
-    webhook = webhook_of(request, params, rt.settings.webhook_allow_hosts)
+    webhook = webhook_of(request, params, rt.settings)
     job = await serving.job(endpoint, task, params, images, request)
     await serving.check_plans(job)
     if len(job.inputs) > rt.limiter.slots:

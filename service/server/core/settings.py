@@ -129,8 +129,11 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(
         None, description="Standard Webhooks signing secret (whsec_… base64); unset: webhooks are sent unsigned")
     webhook_allow_hosts: list[str] = Field(
-        default_factory=list, description="hosts webhooks may be sent to (patterns such as *.example.com); "
-                                          "empty: webhooks are refused")
+        default_factory=list, description="hosts webhooks may be sent to: patterns such as *.example.com (ports "
+                                          "80 and 443) or hooks.example.com:8443; empty: webhooks are refused")
+    webhook_allow_private: bool = Field(
+        False, description="let webhooks reach loopback, private, link-local and other non-public addresses "
+                           "(off: such an address is refused at submit and at delivery)")
 
     demo: bool = Field(False, description="serve the built-in tiny model on CPU (built once, cached)")
     flashar: bool = Field(False, description="with --demo: serve the tiny FlashAR checkpoint (text-to-image only)")
