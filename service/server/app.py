@@ -213,7 +213,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     for serving in (app.state.serving_generation, app.state.serving_openai):  # a stored job runs through these
         runtime.job_servings.update(dict.fromkeys(serving.job_params, serving))
     install_handlers(app)
-    install_openapi(app, auth=settings.api_key is not None)
+    install_openapi(app, auth=runtime.api_keys.required)
     for router in (operations, operations_v1, emu35_routes, openai_routes, jobs_routes, playground, docs):
         app.include_router(router)
     app.add_middleware(BodyGuardMiddleware, image_limit=max_body_bytes(settings), timeout=settings.body_timeout)

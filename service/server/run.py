@@ -17,6 +17,7 @@ from typing import Callable
 import uvicorn
 from pydantic import ValidationError
 
+from service.server.core.auth import ApiKeysError
 from service.server.core.connections import guarded_h11
 from service.server.core.runtime import Runtime
 from service.server.core.settings import Settings, load_settings
@@ -52,13 +53,19 @@ def serve(settings: Settings) -> int:
     from service.server.app import create_app, describe
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request's whole URL at INFO: for a webhook that is its token (docs/security.md)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         check_model(settings)
     except CheckpointError as exc:
         print(f"emu35-serve: --model: {exc}", file=sys.stderr)
         return 2
     logger.info("settings: %s", json.dumps(describe(settings)))
-    runtime = Runtime(settings)
+    try:
+        runtime = Runtime(settings)
+    except ApiKeysError as exc:
+        print(f"emu35-serve: --api-keys-file: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings, runtime)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5, access_log=settings.log_level == "debug",

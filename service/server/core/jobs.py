@@ -33,6 +33,7 @@ from service.jobs import (
     open_store,
 )
 from service.prompts import Task
+from service.server.core.auth import ANONYMOUS, Caller
 from service.server.core.errors import APIError, bad_request
 from service.task import Finished, ImageProgress, ImageReady
 
@@ -228,7 +229,10 @@ async def submit_job(serving: ServingBase, endpoint: str, task: Task, params: An
     if len(job.inputs) > rt.limiter.slots:
         raise bad_request(f"this job needs {len(job.inputs)} generation slots; this server has {rt.limiter.slots}",
                           "too_many_generations", "n")
+    caller: Caller | None = getattr(request.state, "caller", None)  # set by the routes' API key check
     row = await rt.jobs.store.submit(NewJob(endpoint, encode_spec(endpoint, task, params, images),
-                                            slots=len(job.inputs), webhook=webhook))
+                                            slots=len(job.inputs), webhook=webhook,
+                                            submitted_by=caller.name if caller is not None else None))
+    rt.metrics.jobs_submitted.labels(caller.label if caller is not None else ANONYMOUS).inc()
     rt.jobs.worker.wake()
     return job_resource(row, rt.jobs.store)

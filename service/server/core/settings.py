@@ -96,7 +96,11 @@ class Settings(BaseSettings):
     # ---- HTTP -------------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
-    api_key: SecretStr | None = Field(None, description="bearer token required on every route but /health, /ready")
+    api_key: SecretStr | None = Field(None, description="bearer token required on every route but /health, /ready "
+                                                        "(named 'default'; it sees every job)")
+    api_keys_file: Path | None = Field(
+        None, description="TOML file of named API keys ([[keys]] name, key, admin): each job belongs to the key "
+                          "that submitted it, other keys get 404 for it, admin keys see all (docs/security.md)")
     output_dir: Path | None = Field(None, description="write each record as <id>.pb here; serve at /v1/records/{id}")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="time in-flight work gets to finish on SIGTERM")
     max_connections: int = Field(
