@@ -21,7 +21,7 @@ from service.server.core.auth import ApiKeysError
 from service.server.core.connections import guarded_h11
 from service.server.core.runtime import Runtime
 from service.server.core.settings import Settings, load_settings
-from service.task import CheckpointError, check_model
+from service.task import LOG_FORMAT, CheckpointError, check_model, quiet_engine_logs
 
 logger = logging.getLogger("service.server")
 
@@ -52,7 +52,8 @@ def serve(settings: Settings) -> int:
     """Run the service with ``settings`` (the demo's tiny checkpoints already filled in by the CLI)."""
     from service.server.app import create_app, describe
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    quiet_engine_logs(settings.log_level)  # vLLM at warnings unless --log-level debug
     # httpx logs every request's whole URL at INFO: for a webhook that is its token (docs/security.md)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
