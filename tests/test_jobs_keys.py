@@ -172,7 +172,7 @@ class _FailingReceiver(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def keyed_server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("keys")
     (root / "keys.toml").write_text(KEYS_TOML)
@@ -234,3 +234,18 @@ def test_each_key_sees_its_own_jobs_an_admin_all_and_the_log_no_secret(keyed_ser
     assert '"job_store": ' in log and "webhook msg_" in log
     for secret in (PG_PASSWORD, HOOK_TOKEN, ALICE, BOB, OPS, SINGLE):
         assert secret not in log, secret
+
+
+@pytest.mark.slow
+def test_a_webhook_url_httpx_would_refuse_is_a_400_naming_the_field(keyed_server):
+    """These were accepted (202) and then raised out of the delivery, leaving the webhook pending."""
+    server, hook_port = keyed_server
+    bad = [f"http://127.0.0.1:{hook_port}/a\tb", "http://127.0.0.1:abc/x", "http://127.0.0.1:99999/x",
+           "http://xn--zz.example.com/x", "http://127.0.0.1:%d/" % hook_port + "a" * 65 * 1024,
+           "http://10.0.0.1/x"]
+    with client(server, ALICE) as alice:
+        for url in bad:
+            r = alice.post("/v1/t2i", json={**SMALL, "webhook": url}, headers={"Prefer": "respond-async"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "webhook", (url[:60], r.text[:300])
+        r = alice.post("/v1/t2i", json=SMALL, headers={"Prefer": "respond-async", "Webhook": "http://127.0.0.1:abc/"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "webhook", r.text
