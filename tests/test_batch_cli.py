@@ -45,8 +45,8 @@ def test_the_command_reports_each_prompt_and_exits_non_zero_when_one_failed(tmp_
 def test_one_image_from_a_release_config_is_three_lines_what_was_loaded_progress_summary(tmp_path):
     """Issue 29: ``emu35-generate --cfg … --demo`` wrote 84 lines for one image, 57 of them vLLM's start-up
     lines. vLLM is kept at warnings (less those the service causes on purpose); what is left is the loaded
-    line, the progress and the summary, plus at most the two lines vLLM's engine processes print before
-    their logging is configured (its Triton probe, which no level reaches)."""
+    line, the progress and the summary, plus at most the two lines the engine processes print before any
+    logging is configured there (which no level reaches)."""
     pytest.importorskip("vllm")
     cfg = write_release_config(tmp_path / "example_config_t2i.py", ["a red circle"], save_path=str(tmp_path / "out"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
@@ -57,8 +57,12 @@ def test_one_image_from_a_release_config_is_three_lines_what_was_loaded_progress
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == ""  # vLLM logged to stdout
     lines = done.stderr.splitlines()
-    ours = [line for line in lines if "Triton" not in line]
-    assert len(ours) == 3 and len(lines) <= 5, "\n".join(lines)
+    ours = [line for line in lines if "INFO service." in line or line.startswith("emu35-generate:")]
+    # what is printed before any logging is configured: vLLM 0.32's Triton probe, torch's CUDA_HOME note
+    # on vLLM 0.11, once in each engine process
+    early = [line for line in lines if line not in ours]
+    assert len(ours) == 3 and len(early) <= 2, "\n".join(lines)
+    assert all("Triton" in line or "CUDA" in line for line in early), "\n".join(early)
     assert "INFO service.batch: loaded the demo's tiny model on the vllm engine" in ours[0]
     assert "1 to generate into" in ours[0]
     assert "INFO service.batch: [1/1] 000 ok" in ours[1]

@@ -15,7 +15,8 @@ import pytest
 from service.engine import vllm_logs
 from service.engine.vllm_logs import EXPECTED_WARNINGS, ExpectedWarnings, quiet_engine_logs, vllm_logging_config
 
-VARIABLES = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_CONFIG_PATH", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS")
+VARIABLES = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_CONFIG_PATH", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS",
+             "TRANSFORMERS_VERBOSITY")
 
 
 @pytest.fixture

@@ -38,6 +38,11 @@ EXPECTED_WARNINGS: tuple[tuple[str, str], ...] = (
     ("Reset SSM cache type", "the model has no SSM layers"),
     ("is not found in LD_PRELOAD", "an optional allocator for CPU speed; docs/vllm-interfaces.md"),
     ("Using custom scheduler class", "the Emu3.5 pair scheduler is this service's, on purpose"),
+    ("Using configured V1 scheduler class", "the same, as vLLM 0.11 says it"),
+    ("cudagraph dispatching keys are not initialized", "follows from eager mode (vLLM 0.11)"),
+    ("Pin memory is not supported on CPU", "nothing to pin on a CPU (vLLM 0.11)"),
+    ("The vLLM package was not found, so its version could not be inspected",
+     "vLLM built from source without package metadata (the CPU build); the platform is still found"),
     ("Passing raw prompts to InputProcessor is deprecated", "prompts are token ids, built by the service"),
     ("Using None for EOS token id because tokenizer is not initialized",
      "the engine has no tokenizer on purpose; the service stops generations itself"),
@@ -87,6 +92,7 @@ def quiet_engine_logs(log_level: str) -> None:
         return
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its deprecation notes about vLLM's own calls
     env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     if "VLLM_LOGGING_CONFIG_PATH" not in env:
         env["VLLM_LOGGING_CONFIG_PATH"] = _write_config(vllm_logging_config())
