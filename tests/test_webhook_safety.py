@@ -73,6 +73,26 @@ def test_ports_are_80_and_443_unless_the_pattern_names_one():
         check_webhook_url("https://hooks.example.com:8080/x", ["hooks.example.com:8443"])
 
 
+_HOSTS = st.from_regex(r"[a-z][a-z0-9-]{0,10}[a-z0-9](\.[a-z][a-z0-9]{0,8}){1,3}", fullmatch=True)
+
+
+@given(_HOSTS, st.integers(1, 65535), st.integers(1, 65535))
+def test_a_pattern_without_a_port_allows_80_and_443_and_one_with_a_port_only_that(host, port, other):
+    url = f"https://{host}:{port}/x"
+    assert (_allowed(url, [host]) is True) == (port in (80, 443))
+    assert _allowed(url, [f"{host}:{port}"]) is True and _allowed(url, [f"{host}:*"]) is True
+    assert _allowed(url, [f"{host}:{other}"]) is (other == port)
+    assert _allowed(url, [f"x{host}:{port}"]) is False
+
+
+def _allowed(url: str, patterns: list[str]) -> bool:
+    try:
+        check_webhook_url(url, patterns)
+    except WebhookRefused:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.0.1", "169.254.169.254",
                                   "100.64.0.1", "0.0.0.0", "[::1]", "[fe80::1]", "[::ffff:127.0.0.1]",
                                   "[64:ff9b::a9fe:a9fe]", "224.0.0.1"])
