@@ -213,8 +213,8 @@ class WebhookSender:
         self._signer = Webhook(secret) if secret else None
         self.policy = policy
         self.allow_hosts, self.allow_private, self._resolve = list(allow_hosts), allow_private, resolve
-        self._client = httpx.AsyncClient(timeout=policy.timeout, follow_redirects=False, transport=transport,
-                                         trust_env=False)  # no proxy from the environment: we pick the address
+        # an HTTP(S)_PROXY from the environment is still used: the URL it is given holds the vetted address
+        self._client = httpx.AsyncClient(timeout=policy.timeout, follow_redirects=False, transport=transport)
 
     def headers(self, msg_id: str, body: bytes, when: datetime | None = None) -> dict[str, str]:
         when = when or datetime.now(timezone.utc)
