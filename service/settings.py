@@ -96,7 +96,11 @@ class Settings(BaseSettings):
     # ---- HTTP -------------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
-    api_key: SecretStr | None = Field(None, description="bearer token required on every route but /health, /ready")
+    api_key: SecretStr | None = Field(None, description="bearer token required on every route but /health, /ready "
+                                                        "(named 'default'; it sees every job)")
+    api_keys_file: Path | None = Field(
+        None, description="TOML file of named API keys ([[keys]] name, key, admin): each job belongs to the key "
+                          "that submitted it, other keys get 404 for it, admin keys see all (docs/security.md)")
     output_dir: Path | None = Field(None, description="write each record as <id>.pb here; serve at /v1/records/{id}")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="time in-flight work gets to finish on SIGTERM")
     max_connections: int = Field(
@@ -129,8 +133,11 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(
         None, description="Standard Webhooks signing secret (whsec_… base64); unset: webhooks are sent unsigned")
     webhook_allow_hosts: list[str] = Field(
-        default_factory=list, description="hosts webhooks may be sent to (patterns such as *.example.com); "
-                                          "empty: webhooks are refused")
+        default_factory=list, description="hosts webhooks may be sent to: patterns such as *.example.com (ports "
+                                          "80 and 443) or hooks.example.com:8443; empty: webhooks are refused")
+    webhook_allow_private: bool = Field(
+        False, description="let webhooks reach loopback, private, link-local and other non-public addresses "
+                           "(off: such an address is refused at submit and at delivery)")
 
     demo: bool = Field(False, description="serve the built-in tiny model on CPU (built once, cached)")
     flashar: bool = Field(False, description="with --demo: serve the tiny FlashAR checkpoint (text-to-image only)")

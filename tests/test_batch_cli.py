@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.record.visualise import load_story
-from tests.batch_inputs import write_jsonl
+from tests.batch_inputs import write_jsonl, write_release_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -40,3 +40,30 @@ def test_the_command_reports_each_prompt_and_exits_non_zero_when_one_failed(tmp_
     assert summary["prompts"]["lost"]["status"] == "failed" and summary["prompts"]["lost"]["field"] == "images"
     assert load_story(tmp_path / "out" / "proto" / "fox.pb").question == "a fox"
     assert sorted(p.name for p in (tmp_path / "out" / "proto").iterdir()) == ["fox.pb"]
+
+
+def test_one_image_from_a_release_config_is_three_lines_what_was_loaded_progress_summary(tmp_path):
+    """Issue 29: ``emu35-generate --cfg … --demo`` wrote 84 lines for one image, 57 of them vLLM's start-up
+    lines. vLLM is kept at warnings (less those the service causes on purpose); what is left is the loaded
+    line, the progress and the summary, plus at most the two lines the engine processes print before any
+    logging is configured there (which no level reaches)."""
+    pytest.importorskip("vllm")
+    cfg = write_release_config(tmp_path / "example_config_t2i.py", ["a red circle"], save_path=str(tmp_path / "out"))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
+    for name in ("JOB_COMPLETION_INDEX", "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_CONFIG_PATH", "PYTHONWARNINGS"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "service", "generate", "--cfg", str(cfg), "--demo"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == ""  # vLLM logged to stdout
+    lines = done.stderr.splitlines()
+    ours = [line for line in lines if "INFO service." in line or line.startswith("emu35-generate:")]
+    # what is printed before any logging is configured: vLLM 0.32's Triton probe, torch's CUDA_HOME note
+    # on vLLM 0.11, once in each engine process
+    early = [line for line in lines if line not in ours]
+    assert len(ours) == 3 and len(early) <= 2, "\n".join(lines)
+    assert all("Triton" in line or "CUDA" in line for line in early), "\n".join(early)
+    assert "INFO service.batch: loaded the demo's tiny model on the vllm engine" in ours[0]
+    assert "1 to generate into" in ours[0]
+    assert "INFO service.batch: [1/1] 000 ok" in ours[1]
+    assert ours[2].startswith("emu35-generate: generated 1, skipped 0, failed 0; summary ")

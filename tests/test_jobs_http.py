@@ -28,7 +28,7 @@ SMALL = {"size": "128x128", "image_area": 128 * 128}
 def server(tmp_path_factory):
     state = tmp_path_factory.mktemp("state")
     args = ["--demo", "--engine", "reference", "--max-concurrent", "1", "--max-queue", "2", "--state-dir", str(state),
-            "--webhook-allow-hosts", "127.0.0.1", "--webhook-secret", SECRET, "--replica-id", "http-test"]
+            "--webhook-allow-hosts", "127.0.0.1:*", "--webhook-allow-private", "--webhook-secret", SECRET, "--replica-id", "http-test"]
     with running_server(args, tmp_path_factory.mktemp("log") / "server.log") as proc:
         yield proc
 

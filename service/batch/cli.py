@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,7 +31,7 @@ from service.batch.release_config import read_release_config
 from service.batch.run import BatchSummary, plan_batch, run_batch, started_runner
 from service.batch.shard import JOB_INDEX_ENV, check_shard, default_worker_id, shard
 from service.settings import ENV_PREFIX, Settings, load_settings
-from service.task import CheckpointError, check_model
+from service.task import LOG_FORMAT, CheckpointError, check_model, quiet_engine_logs
 
 PROG = "emu35-generate"
 logger = logging.getLogger("service.batch")
@@ -118,18 +119,41 @@ def _summary_path(args: argparse.Namespace, out_dir: Path, worker_id: int) -> Pa
     return out_dir.parent / f"summary{suffix}.json"
 
 
+def loaded_line(settings: Settings, seconds: float) -> str:
+    """The one line that says what was loaded: the checkpoint, the engine and where it runs."""
+    model = "the demo's tiny model" if settings.demo else str(settings.model)
+    return (f"loaded {model} on the {settings.engine_kind} engine ({settings.resolved_device}; VQ on "
+            f"{settings.resolved_vq_device}) in {seconds:.0f} s")
+
+
 async def _generate(settings: Settings, todo: list[Item], out_dir: Path, summary: BatchSummary,
-                    quiet: bool) -> BatchSummary:
+                    quiet: bool, plan: str) -> BatchSummary:
     """Start the engine and the VQ worker, run the batch, stop them."""
     main = asyncio.current_task()
     if main is not None:  # a pod's SIGTERM: abort what runs (nothing half-written), keep what is done
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+    started = time.monotonic()
     async with started_runner(settings, settings.image_area) as runner:
+        logger.info("%s; %s", loaded_line(settings, time.monotonic() - started), plan)
         progress = make_progress(len(todo), quiet)  # from here: the rate counts generation, not loading
         try:
             return await run_batch(runner, todo, out_dir, summary, settings.max_concurrent, progress)
         finally:
             progress.close()
+
+
+#: Loggers whose start-up lines the loaded line stands for (the demo build, the engine's ready and self-check).
+_STARTUP_LOGGERS = ("service.server", "service.engine", "service.tiny")
+
+
+def quiet_logs(log_level: str) -> None:
+    """``--log-level`` for this command: the service's lines at that level; vLLM at warnings and the
+    start-up lines of the layers below folded into one (:func:`loaded_line`) unless it is ``debug``."""
+    logging.getLogger().setLevel(log_level.upper())
+    quiet_engine_logs(log_level)
+    if log_level != "debug":
+        for name in _STARTUP_LOGGERS:
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _error(where: str, message: str) -> int:
@@ -140,7 +164,7 @@ def _error(where: str, message: str) -> int:
 def generate_main(argv: list[str], prepare: Callable[[Settings], Settings] | None = None) -> int:
     """``emu35-generate ARGS``; ``prepare`` completes the settings (the CLI's ``--demo``)."""
     args, rest = _parser().parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         worker_id = default_worker_id() if args.worker_id is None else args.worker_id
         job = read_release_config(args.cfg) if args.cfg is not None else read_jsonl(args.prompts)
@@ -158,13 +182,15 @@ def generate_main(argv: list[str], prepare: Callable[[Settings], Settings] | Non
     except ValidationError as exc:
         err = exc.errors()[0]
         return _error(".".join(str(p) for p in err["loc"]) or "settings", err["msg"])
+    quiet_logs(settings.log_level)
     if prepare is not None:
         settings = prepare(settings)
     entries = service_entries(job, shard(job.entries, args.num_workers, worker_id), settings)
     todo, summary = plan_batch(entries, out_dir)
-    logger.info("worker %d of %d: %d prompts, %d already written, %d refused, %d to generate into %s",
-                worker_id, args.num_workers, len(entries), summary.count("skipped"), summary.count("failed"),
-                len(todo), out_dir)
+    plan = (f"worker {worker_id} of {args.num_workers}: {len(entries)} prompts, {summary.count('skipped')} already "
+            f"written, {summary.count('failed')} refused, {len(todo)} to generate into {out_dir}")
+    if not todo:  # nothing to load: the plan is the line
+        logger.info("%s", plan)
     for bad in summary.failed:
         logger.error("prompt %s failed (%s): %s", bad.name, bad.field, bad.reason)
     status = 0
@@ -174,7 +200,7 @@ def generate_main(argv: list[str], prepare: Callable[[Settings], Settings] | Non
         except CheckpointError as exc:
             return _error("--model", str(exc))
         try:
-            asyncio.run(_generate(settings, todo, out_dir, summary, args.quiet))
+            asyncio.run(_generate(settings, todo, out_dir, summary, args.quiet, plan))
         except (KeyboardInterrupt, asyncio.CancelledError):
             status = 130
             summary.mark_not_run(todo, "interrupted before it finished")

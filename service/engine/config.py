@@ -64,6 +64,7 @@ class VllmEngineConfig:
     num_kv_blocks: int | None = None
     block_size: int | None = None
     seed: int = 0
+    loading_bar: bool = True  # vLLM's weight-loading progress bar (off when the logs are quiet)
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,6 +105,7 @@ class VllmEngineConfig:
             logits_processors=[PROCESSOR_REF],
             scheduler_cls=SCHEDULER_REF,
             async_scheduling=False,  # output lists must be complete when the processor reads them
+            use_tqdm_on_load=self.loading_bar,
         )
         if self.max_model_len is not None:
             args["max_model_len"] = self.max_model_len

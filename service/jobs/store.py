@@ -41,6 +41,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -82,7 +83,12 @@ jobs = Table(
     Column("error", Text),  # JSON: {"message", "code"}
     Column("webhook", Text),
     Column("webhook_state", String(16)),  # pending, delivered, failed (None: no webhook)
+    Column("submitted_by", String(64), index=True),  # the name of the API key that submitted it (None: no key)
 )
+
+#: Columns added after schema version 1 was released, nullable, so a store written before them is brought
+#: up to date in place (ALTER TABLE … ADD COLUMN) and an older version still reads and writes it.
+ADDED_COLUMNS = ("submitted_by",)
 
 job_events = Table(
     "emu35_job_events", metadata,
@@ -105,6 +111,7 @@ class NewJob:
     spec: bytes
     slots: int = 1
     webhook: str | None = None
+    submitted_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,7 @@ class JobRow:
     error: dict[str, Any] | None
     webhook: str | None
     webhook_state: str | None
+    submitted_by: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -176,7 +184,7 @@ def _row(r: Any) -> JobRow:
         expires_at=m["expires_at"], owner=m["owner"], lease_until=m["lease_until"], attempts=m["attempts"],
         progress=json.loads(m["progress"]) if m["progress"] else {}, result_path=m["result_path"],
         error=json.loads(m["error"]) if m["error"] else None, webhook=m["webhook"],
-        webhook_state=m["webhook_state"])
+        webhook_state=m["webhook_state"], submitted_by=m["submitted_by"])
 
 
 def new_job_id() -> str:
@@ -244,6 +252,7 @@ class JobStore:
             if self.is_postgres:  # replicas starting together create the schema one at a time
                 await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(3535353535)")
             await conn.run_sync(metadata.create_all)
+            await _add_missing_columns(conn)
             found = (await conn.execute(select(func.max(schema_version.c.version)))).scalar()
             if found is None:
                 await conn.execute(insert(schema_version).values(version=SCHEMA_VERSION))
@@ -260,7 +269,8 @@ class JobStore:
         async with self.engine.begin() as conn:
             await conn.execute(insert(jobs).values(
                 id=job_id, route=new.route, status="queued", spec=new.spec, slots=new.slots, created_at=now,
-                attempts=0, webhook=new.webhook, webhook_state="pending" if new.webhook else None))
+                attempts=0, webhook=new.webhook, webhook_state="pending" if new.webhook else None,
+                submitted_by=new.submitted_by))
             return await self._get(conn, job_id)  # type: ignore[return-value]
 
     async def get(self, job_id: str) -> JobRow | None:
@@ -271,14 +281,18 @@ class JobStore:
         r = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
         return _row(r) if r is not None else None
 
-    async def list_jobs(self, status: str | None = None, limit: int = 20, after: str | None = None) -> list[JobRow]:
-        """Newest first; ``after`` is the last id of the previous page."""
+    async def list_jobs(self, status: str | None = None, limit: int = 20, after: str | None = None,
+                        submitted_by: str | None = None) -> list[JobRow]:
+        """Newest first; ``after`` is the last id of the previous page; ``submitted_by``: only the jobs of
+        that API key (None: everyone's)."""
         q = select(jobs)
         if status is not None:
             q = q.where(jobs.c.status == status)
+        if submitted_by is not None:
+            q = q.where(jobs.c.submitted_by == submitted_by)
         if after is not None:
             anchor = (await self.get(after))
-            if anchor is None:
+            if anchor is None or (submitted_by is not None and anchor.submitted_by != submitted_by):
                 return []
             q = q.where((jobs.c.created_at < anchor.created_at)
                         | ((jobs.c.created_at == anchor.created_at) & (jobs.c.id < anchor.id)))
@@ -493,6 +507,20 @@ class JobStore:
     async def set_webhook_state(self, job_id: str, state: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(update(jobs).where(jobs.c.id == job_id).values(webhook_state=state))
+
+
+async def _add_missing_columns(conn: AsyncConnection) -> None:
+    """Add the :data:`ADDED_COLUMNS` a store created before them lacks (and their indexes)."""
+    have = await conn.run_sync(lambda c: {col["name"] for col in inspect(c).get_columns(jobs.name)})
+    for name in ADDED_COLUMNS:
+        if name in have:
+            continue
+        column = jobs.c[name]
+        kind = column.type.compile(dialect=conn.dialect)
+        await conn.exec_driver_sql(f"ALTER TABLE {jobs.name} ADD COLUMN {name} {kind}")
+        for index in jobs.indexes:
+            if name in index.columns:
+                await conn.run_sync(lambda c, ix=index: ix.create(c, checkfirst=True))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -310,7 +310,11 @@ class JobWorker:
     async def _deliver(self, job: JobRow) -> None:
         if self.webhooks is None or job.webhook is None:
             return
-        ok = await self.webhooks.deliver(job.webhook, f"msg_{job.id}", self.executor.webhook_body(job))
+        try:
+            ok = await self.webhooks.deliver(job.webhook, f"msg_{job.id}", self.executor.webhook_body(job))
+        except Exception:  # noqa: BLE001 - a webhook left pending would keep its job from being purged
+            logger.exception("webhook of job %s could not be sent", job.id)
+            ok = False
         await self.store.set_webhook_state(job.id, "delivered" if ok else "failed")
 
     # ---- leases, expiry, metrics -------------------------------------------------------------------

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.jobs.redact import redact_store_url
 from service.limits import BODY_BYTES_PER_EXTRA_SECOND, MAX_TEXT_BODY_BYTES
 from service.server.core.errors import APIError, install_handlers, send_closing_error
 from service.server.core.openapi import install as install_openapi
@@ -215,7 +216,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     for serving in (app.state.serving_generation, app.state.serving_openai):  # a stored job runs through these
         runtime.job_servings.update(dict.fromkeys(serving.job_params, serving))
     install_handlers(app)
-    install_openapi(app, auth=settings.api_key is not None)
+    install_openapi(app, auth=runtime.api_keys.required)
     for router in (operations, operations_v1, emu35_routes, openai_routes, jobs_routes, playground, docs,
                    guide):
         app.include_router(router)
@@ -228,6 +229,7 @@ def describe(settings: Settings) -> dict[str, Any]:
     """What the service runs with, for the startup log (no secrets)."""
     data = settings.model_dump(mode="json", exclude={"api_key"})
     data["api_key"] = "set" if settings.api_key else None
+    data["job_store"] = redact_store_url(settings.job_store)  # its password is no business of a log
     data["engine"] = "flashar" if model_kind(settings) == "flashar" else settings.engine_kind
     data["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return data

@@ -17,10 +17,11 @@ from typing import Callable
 import uvicorn
 from pydantic import ValidationError
 
+from service.server.core.auth import ApiKeysError
 from service.server.core.connections import guarded_h11
 from service.server.core.runtime import Runtime
 from service.settings import Settings, load_settings
-from service.task import CheckpointError, check_model
+from service.task import LOG_FORMAT, CheckpointError, check_model, quiet_engine_logs
 
 logger = logging.getLogger("service.server")
 
@@ -51,14 +52,21 @@ def serve(settings: Settings) -> int:
     """Run the service with ``settings`` (the demo's tiny checkpoints already filled in by the CLI)."""
     from service.server.app import create_app, describe
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    quiet_engine_logs(settings.log_level)  # vLLM at warnings unless --log-level debug
+    # httpx logs every request's whole URL at INFO: for a webhook that is its token (docs/security.md)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         check_model(settings)
     except CheckpointError as exc:
         print(f"emu35-serve: --model: {exc}", file=sys.stderr)
         return 2
     logger.info("settings: %s", json.dumps(describe(settings)))
-    runtime = Runtime(settings)
+    try:
+        runtime = Runtime(settings)
+    except ApiKeysError as exc:
+        print(f"emu35-serve: --api-keys-file: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings, runtime)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5, access_log=settings.log_level == "debug",

@@ -6,6 +6,7 @@ generation and yields ``events``; ``resources`` builds the engine and the VQ wor
 """
 
 from service.engine.protocol import AsyncEngine, EngineError, EngineUnavailableError
+from service.engine.vllm_logs import LOG_FORMAT, quiet_engine_logs
 from service.task.events import (
     AnswerPart,
     Finished,
@@ -49,6 +50,7 @@ __all__ = [
     "ImageProgress",
     "ImageReady",
     "ImageStart",
+    "LOG_FORMAT",
     "Outcome",
     "Plan",
     "PlanError",
@@ -66,6 +68,7 @@ __all__ = [
     "load_tokenizer",
     "model_kind",
     "plan_request",
+    "quiet_engine_logs",
     "resolve",
     "start_vq_worker",
 ]

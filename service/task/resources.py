@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from service.engine.protocol import AsyncEngine
+from service.engine.vllm_logs import loading_bars
 from service.lm_checkpoint import CheckpointError
 from service.tokenizer import Emu35Tokenizer
 from service.types import ModelKind
@@ -121,7 +122,7 @@ def build_engine(s: ResourceSettings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
             dtype=cpu_int8_dtype(s.model, s.dtype) if serves_int8_on_cpu(s) else s.dtype,
             max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
             max_pairs=s.max_concurrent, quantization=served.quantization,
-            graph_mode="eager" if s.enforce_eager else "auto")
+            graph_mode="eager" if s.enforce_eager else "auto", loading_bar=loading_bars())
         return VllmEngine(cfg, tokenizer)
     from service.engine.reference import AsyncReferenceEngine
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 from typing import Any, Mapping
 
 from fastapi import Depends, Request
@@ -11,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from service.server.core.auth import Caller
 from service.server.core.errors import APIError, bad_request
 from service.server.core.runtime import Runtime
 
@@ -21,21 +21,30 @@ def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
+def caller_of(credentials: HTTPAuthorizationCredentials | None, runtime: Runtime) -> Caller | None:
+    """Who presents ``credentials``: a caller (anonymous when no key is set), or None for a wrong key."""
+    return runtime.api_keys.identify(credentials.credentials if credentials is not None else None)
+
+
 def key_matches(credentials: HTTPAuthorizationCredentials | None, runtime: Runtime) -> bool:
-    """Whether the caller may see what the API key guards: the right key, or no key set."""
-    key = runtime.settings.api_key
-    if key is None:
-        return True
-    given = credentials.credentials if credentials is not None else ""
-    return secrets.compare_digest(given.encode(), key.get_secret_value().encode())
+    """Whether the caller may see what the API keys guard: one of the keys, or no key set."""
+    return caller_of(credentials, runtime) is not None
 
 
-async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-                          runtime: Runtime = Depends(get_runtime)) -> None:
-    """Every route but /health and /ready needs ``Authorization: Bearer <key>`` when a key is set."""
-    if not key_matches(credentials, runtime):
+async def current_caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                         runtime: Runtime = Depends(get_runtime)) -> Caller:
+    """The caller, kept on ``request.state.caller`` for what runs later (the submit of a job); 401 when
+    a key is required and none of them was sent."""
+    caller = caller_of(credentials, runtime)
+    if caller is None:
         raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)", "invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
+    request.state.caller = caller
+    return caller
+
+
+async def require_api_key(caller: Caller = Depends(current_caller)) -> None:
+    """Every route but /health and /ready needs ``Authorization: Bearer <key>`` when a key is set."""
 
 
 async def optional_api_key(request: Request, runtime: Runtime = Depends(get_runtime)) -> bool:

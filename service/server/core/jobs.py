@@ -27,11 +27,13 @@ from service.jobs import (
     check_webhook_url,
 )
 from service.prompts import Task
+from service.server.core.auth import ANONYMOUS, Caller
 from service.server.core.errors import APIError, bad_request
 from service.task import Finished, ImageProgress, ImageReady
 
 if TYPE_CHECKING:
     from service.server.core.runtime import Runtime
+    from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +48,14 @@ def prefers_async(request: Request) -> bool:
     return False
 
 
-def webhook_of(request: Request, params: Any, allow_hosts: list[str]) -> str | None:
-    """The job's webhook, from the ``Webhook`` header or the body's ``webhook`` field; 400 when its host
-    is not allowed."""
+def webhook_of(request: Request, params: Any, settings: Settings) -> str | None:
+    """The job's webhook, from the ``Webhook`` header or the body's ``webhook`` field; 400 naming the field
+    when the URL is malformed or its host, port or address is not allowed."""
     url = request.headers.get("webhook") or getattr(params, "webhook", None)
     if not url:
         return None
     try:
-        return check_webhook_url(url, allow_hosts)
+        return check_webhook_url(url, settings.webhook_allow_hosts, settings.webhook_allow_private)
     except WebhookRefused as exc:
         raise bad_request(str(exc), "webhook_not_allowed", "webhook") from None
 
@@ -124,11 +126,11 @@ def accept_job(runtime: Runtime, request: Request, params: Any) -> str | None:
     webhook (400); the webhook, if any."""
     if runtime.jobs is None:
         raise APIError(503, "the job store is not open yet", "model_loading", headers={"Retry-After": "5"})
-    return webhook_of(request, params, runtime.settings.webhook_allow_hosts)
+    return webhook_of(request, params, runtime.settings)
 
 
 async def store_job(runtime: Runtime, endpoint: str, task: Task, params: Any, images: list[str | bytes],
-                    webhook: str | None, slots: int) -> dict[str, Any]:
+                    webhook: str | None, slots: int, caller: Caller | None = None) -> dict[str, Any]:
     """Store a request its serving class has checked as the synchronous route would (a job of ``slots``
     generations); the job resource (queued)."""
     rt = runtime
@@ -138,6 +140,8 @@ async def store_job(runtime: Runtime, endpoint: str, task: Task, params: Any, im
         raise bad_request(f"this job needs {slots} generation slots; this server has {rt.limiter.slots}",
                           "too_many_generations", "n")
     row = await rt.jobs.store.submit(NewJob(endpoint, encode_spec(endpoint, task, params, images),
-                                            slots=slots, webhook=webhook))
+                                            slots=slots, webhook=webhook,
+                                            submitted_by=caller.name if caller is not None else None))
+    rt.metrics.jobs_submitted.labels(caller.label if caller is not None else ANONYMOUS).inc()
     rt.jobs.worker.wake()
     return job_resource(row, rt.jobs.store)

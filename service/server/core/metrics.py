@@ -112,6 +112,8 @@ class Metrics:
         self.jobs = Gauge("emu35_jobs", "jobs in the store by status", ["status"], registry=r)
         self.jobs_oldest_queued = Gauge("emu35_jobs_oldest_queued_age_seconds",
                                         "age of the oldest queued job (0: none queued)", registry=r)
+        self.jobs_submitted = Counter("emu35_jobs_submitted", "jobs submitted to this replica, by the name of the "
+                                      "API key that submitted them", ["key"], registry=r)
         self.job_lease_expiries = Counter("emu35_job_lease_expiries", "running jobs whose lease expired "
                                           "(their replica died); queued again or failed", registry=r)
 

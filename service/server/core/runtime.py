@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+from service.server.core.auth import ApiKeys, load_api_keys
 from service.server.core.limiter import AdmissionLimiter
 from service.server.core.metrics import Metrics
 from service.server.core.records import RecordStore
@@ -60,11 +61,13 @@ class Runtime:
     #: the store and worker once open (service.server.jobs.executor.Jobs), and who wants to hear of a free slot
     job_servings: dict[str, Any] = field(default_factory=dict)
     jobs: Any = None
+    api_keys: ApiKeys = field(init=False)  # from --api-key and --api-keys-file (service.server.core.auth)
     limiter_listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         s = self.settings
         self.model_kind = model_kind(s)  # what /v1/models and /ready say is served
+        self.api_keys = load_api_keys(s)  # a bad keys file stops the start (ApiKeysError)
         self.limiter = AdmissionLimiter(s.max_concurrent, s.max_queue, on_change=self._admission_changed)
         self.metrics.queue_capacity.set(self.limiter.capacity)
         self.metrics.attach_live(self._stats, lambda: self.state == "ready",

@@ -176,7 +176,8 @@ class ServingBase:
         webhook = accept_job(self.rt, request, params)
         job = await self.job(endpoint, task, params, images, request)
         await self.check_plans(job)
-        body = await store_job(self.rt, endpoint, task, params, images, webhook, slots=len(job.inputs))
+        body = await store_job(self.rt, endpoint, task, params, images, webhook, slots=len(job.inputs),
+                               caller=getattr(request.state, "caller", None))  # set by the routes' key check
         return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"],
                                                             "Preference-Applied": "respond-async"})
 

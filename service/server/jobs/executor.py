@@ -105,7 +105,7 @@ class Jobs:
         results = Path(s.output_dir) / "jobs" if s.output_dir is not None else None
         store = await open_store(s.job_store, s.state_dir, results, ttl=s.job_ttl)
         secret = s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None
-        webhooks = WebhookSender(secret)
+        webhooks = WebhookSender(secret, allow_hosts=s.webhook_allow_hosts, allow_private=s.webhook_allow_private)
         config = WorkerConfig(lease=s.job_lease, max_attempts=s.job_max_attempts)
         if s.replica_id:
             config.owner = s.replica_id

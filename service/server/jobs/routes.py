@@ -8,8 +8,9 @@ from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from service.jobs import follow_events
-from service.server.core.deps import get_runtime
+from service.jobs import JobRow, follow_events
+from service.server.core.auth import Caller
+from service.server.core.deps import current_caller, get_runtime
 from service.server.core.errors import APIError, bad_request
 from service.server.core.jobs import job_resource
 from service.server.core.openapi import error_responses
@@ -34,12 +35,19 @@ def _unknown(job_id: str) -> APIError:
     return APIError(404, f"no job {job_id!r} (it may have expired)", "job_not_found", "job_id")
 
 
+async def _visible(jobs: Jobs, job_id: str, caller: Caller) -> JobRow:
+    """The job, if it exists and ``caller`` may see it (its own, or any with an admin key); else 404, the
+    same answer as for a job that does not exist, so ids of other keys' jobs cannot be probed."""
+    job = await jobs.store.get(job_id)
+    if job is None or not caller.may_see(job.submitted_by):
+        raise _unknown(job_id)
+    return job
+
+
 @router.get("/jobs/{job_id}", summary="a job: status, progress, and its result once it succeeded",
             response_model=Job, responses=_NOT_FOUND)
-async def get_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
-    job = await jobs.store.get(job_id)
-    if job is None:
-        raise _unknown(job_id)
+async def get_job(job_id: str, jobs: Jobs = Depends(_jobs), caller: Caller = Depends(current_caller)) -> JSONResponse:
+    job = await _visible(jobs, job_id, caller)
     return JSONResponse(job_resource(job, jobs.store))
 
 
@@ -47,8 +55,8 @@ async def get_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
             responses=error_responses(400))
 async def list_jobs(status: JobStatus | None = None, limit: int = Query(20, ge=1, le=100),
                     after: str | None = Query(None, description="the last id of the previous page"),
-                    jobs: Jobs = Depends(_jobs)) -> JSONResponse:
-    rows = await jobs.store.list_jobs(status, limit + 1, after)
+                    jobs: Jobs = Depends(_jobs), caller: Caller = Depends(current_caller)) -> JSONResponse:
+    rows = await jobs.store.list_jobs(status, limit + 1, after, submitted_by=None if caller.admin else caller.name)
     page = rows[:limit]
     return JSONResponse({"object": "list", "data": [job_resource(j, jobs.store, include_result=False) for j in page],
                          "has_more": len(rows) > limit, "last_id": page[-1].id if page else None})
@@ -56,7 +64,8 @@ async def list_jobs(status: JobStatus | None = None, limit: int = Query(20, ge=1
 
 @router.post("/jobs/{job_id}/cancel", summary="cancel a queued or running job (a running one's engine pair is freed)",
              response_model=Job, responses=error_responses(404, 409, descriptions={409: "the job has finished"}))
-async def cancel_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
+async def cancel_job(job_id: str, jobs: Jobs = Depends(_jobs), caller: Caller = Depends(current_caller)) -> JSONResponse:
+    await _visible(jobs, job_id, caller)
     job, canceled = await jobs.store.cancel(job_id)
     if job is None:
         raise _unknown(job_id)
@@ -71,7 +80,8 @@ async def cancel_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
 @router.delete("/jobs/{job_id}", summary="remove a finished job, its events and its result",
                response_model=JobDeleted,
                responses=error_responses(404, 409, descriptions={409: "the job has not finished (cancel it first)"}))
-async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
+async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs), caller: Caller = Depends(current_caller)) -> JSONResponse:
+    await _visible(jobs, job_id, caller)
     job, deleted = await jobs.store.delete(job_id)
     if job is None:
         raise _unknown(job_id)
@@ -96,10 +106,10 @@ def last_event_id(request: Request) -> int:
                                             "`Last-Event-ID` gets what it missed, then the live events",
                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                        **error_responses(400, 404)})
-async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs)) -> Response:
+async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs),
+                     caller: Caller = Depends(current_caller)) -> Response:
     after = last_event_id(request)
-    if await jobs.store.get(job_id) is None:
-        raise _unknown(job_id)
+    await _visible(jobs, job_id, caller)
 
     async def messages() -> AsyncIterator[dict[str, Any]]:
         async for ev in follow_events(jobs.store, job_id, after):
