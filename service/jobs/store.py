@@ -30,6 +30,7 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -41,6 +42,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -52,8 +54,9 @@ Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "failed", "canceled")
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
-#: The schema this code reads and writes; a store written by a newer version is refused.
-SCHEMA_VERSION = 1
+#: The schema this code reads and writes; a store written by a newer version is refused, an older one is
+#: upgraded in place (each step additive: see :data:`UPGRADES`).
+SCHEMA_VERSION = 2
 
 #: Tries to create or check the schema (processes starting together on one SQLite file may collide).
 OPEN_ATTEMPTS = 5
@@ -82,6 +85,8 @@ jobs = Table(
     Column("error", Text),  # JSON: {"message", "code"}
     Column("webhook", Text),
     Column("webhook_state", String(16)),  # pending, delivered, failed (None: no webhook)
+    Column("claim_token", String(32)),  # the running claim's fencing token (schema 2)
+    Index("ix_emu35_jobs_status_created_id", "status", "created_at", "id"),  # claims, lists (schema 2)
 )
 
 job_events = Table(
@@ -93,6 +98,20 @@ job_events = Table(
 )
 
 schema_version = Table("emu35_schema_version", metadata, Column("version", Integer, nullable=False))
+
+
+async def _upgrade_to_2(conn: AsyncConnection) -> None:
+    """Schema 2 (fencing, bounded reads): the claim token column and the (status, created_at, id) index."""
+    names = await conn.run_sync(lambda c: {col["name"] for col in inspect(c).get_columns("emu35_jobs")})
+    if "claim_token" not in names:
+        await conn.exec_driver_sql("ALTER TABLE emu35_jobs ADD COLUMN claim_token VARCHAR(32)")
+    await conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS ix_emu35_jobs_status_created_id ON emu35_jobs (status, created_at, id)")
+
+
+#: version → the step that brings a store of ``version - 1`` to it. Steps are additive (new columns,
+#: new indexes), so an older replica still running during a rolling upgrade keeps working.
+UPGRADES = {2: _upgrade_to_2}
 
 
 class SchemaTooNew(RuntimeError):
@@ -249,6 +268,10 @@ class JobStore:
                 await conn.execute(insert(schema_version).values(version=SCHEMA_VERSION))
             elif found > SCHEMA_VERSION:
                 raise SchemaTooNew(f"the job store has schema version {found}; this version reads {SCHEMA_VERSION}")
+            elif found < SCHEMA_VERSION:
+                for version in range(found + 1, SCHEMA_VERSION + 1):
+                    await UPGRADES[version](conn)
+                await conn.execute(update(schema_version).values(version=SCHEMA_VERSION))
 
     async def close(self) -> None:
         await self.engine.dispose()
