@@ -42,7 +42,9 @@ class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Job]
     has_more: bool
-    last_id: str | None = Field(None, description="pass as `after` for the next page")
+    last_id: str | None = Field(None, description="the last job's id (also accepted as `after`)")
+    next_cursor: str | None = Field(None, description="pass as `after` for the next page; unlike `last_id` it "
+                                                      "still works once that job is deleted or expired")
 
 
 class JobDeleted(BaseModel):

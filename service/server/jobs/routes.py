@@ -16,6 +16,7 @@ from service.server.core.openapi import error_responses
 from service.server.core.routing import v1_router
 from service.server.core.runtime import Runtime
 from service.server.core.serving_base import SSE_PING_SECONDS
+from service.server.jobs.cursor import CURSOR_PREFIX, decode_cursor, encode_cursor
 from service.server.jobs.protocol import Job, JobDeleted, JobList, JobStatus
 
 router = v1_router(tags=["jobs"])
@@ -45,12 +46,16 @@ async def get_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
 @router.get("/jobs", summary="jobs, newest first, filtered by status and paginated", response_model=JobList,
             responses=error_responses(400))
 async def list_jobs(status: JobStatus | None = None, limit: int = Query(20, ge=1, le=100),
-                    after: str | None = Query(None, description="the last id of the previous page"),
+                    after: str | None = Query(None, max_length=200,
+                                              description="the previous page's `next_cursor` (works even once "
+                                                          "that job is deleted), or its `last_id`"),
                     jobs: Jobs = Depends(_jobs)) -> JSONResponse:
-    rows = await jobs.store.list_jobs(status, limit + 1, after)
+    cursor = decode_cursor(after) if after is not None and after.startswith(CURSOR_PREFIX) else None
+    rows = await jobs.store.list_jobs(status, limit + 1, after if cursor is None else None, cursor)
     page = rows[:limit]
     return JSONResponse({"object": "list", "data": [job_resource(j, jobs.store, include_result=False) for j in page],
-                         "has_more": len(rows) > limit, "last_id": page[-1].id if page else None})
+                         "has_more": len(rows) > limit, "last_id": page[-1].id if page else None,
+                         "next_cursor": encode_cursor(page[-1].created_at, page[-1].id) if page else None})
 
 
 @router.post("/jobs/{job_id}/cancel", summary="cancel a queued or running job (a running one's engine pair is freed)",
@@ -79,12 +84,16 @@ async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
     return JSONResponse({"id": job_id, "object": "job", "deleted": True})
 
 
+#: Event ids are stored as 32-bit integers (PostgreSQL's int4): a larger Last-Event-ID is no event's.
+MAX_EVENT_ID = 2**31 - 1
+
+
 def last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id")
     if raw is None or raw == "":
         return 0
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-        raise bad_request("Last-Event-ID must be the id of an event of this job (a non-negative integer)",
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 10 or int(raw) > MAX_EVENT_ID:
+        raise bad_request(f"Last-Event-ID must be the id of an event of this job (an integer from 0 to {MAX_EVENT_ID})",
                           "invalid_last_event_id", "Last-Event-ID")
     return int(raw)
 
