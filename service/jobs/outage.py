@@ -105,16 +105,26 @@ def translated(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
+#: Seconds without a failure before a store that failed counts as back: while it comes and goes (reads
+#: served, writes refused, as under a locked SQLite) the log keeps one line, not one per flap.
+SETTLE_SECONDS = 1.0
+
+
 class StoreHealth:
     """The store's state as this process last saw it; one log line per change, not per failure."""
 
-    def __init__(self) -> None:
+    def __init__(self, settle: float = SETTLE_SECONDS) -> None:
         self.state: Health = "ok"
         self.since = time.monotonic()
+        self.last_failure = -float("inf")
         self.reason = ""
+        self.settle = settle
 
     def failed(self, err: StoreError) -> None:
         state: Health = "full" if isinstance(err, StoreFull) else "unavailable"
+        self.last_failure = time.monotonic()
+        if state == "unavailable" and self.state == "full":
+            return  # full stays full until a probe finds room (an unreachable full store is still full)
         if state != self.state:
             if state == "full":
                 logger.error("%s; new jobs are refused (507) and queued ones held until space is freed", err)
@@ -122,7 +132,13 @@ class StoreHealth:
                 logger.warning("%s; retrying with backoff", err)
             self.state, self.since, self.reason = state, time.monotonic(), str(err)
 
-    def succeeded(self) -> None:
+    def succeeded(self, room: bool = False) -> None:
+        """A store operation worked. A full store is back only when ``room`` (a probe found space); an
+        unavailable one once it has not failed for ``settle`` seconds."""
+        if self.state == "full" and not room:
+            return
+        if self.state == "unavailable" and time.monotonic() - self.last_failure < self.settle:
+            return
         if self.state != "ok":
             logger.warning("the job store is back after %.1f s (it was %s)", time.monotonic() - self.since, self.state)
             self.state, self.since, self.reason = "ok", time.monotonic(), ""

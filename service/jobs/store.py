@@ -553,19 +553,22 @@ class JobStore:
 
     @translated
     async def release(self, job_id: str, token: str, count_attempt: bool = False,
-                      event: JobEvent | None = None) -> bool:
-        """Give a claimed job back to the queue (with ``event``, a ``requeued`` one, in its stream); the
-        attempt is not counted unless ``count_attempt`` (this replica was busy or stopping, rather than
-        failing)."""
+                      requeued: str | None = None) -> bool:
+        """Give a claimed job back to the queue, with a ``requeued`` event of data ``requeued`` after the
+        last event written (when given); the attempt is not counted unless ``count_attempt`` (this replica
+        was busy, stopping or out of room, rather than failing)."""
         attempts = jobs.c.attempts if count_attempt else jobs.c.attempts - 1
+        written: list[JobEvent] = []
         async with self.engine.begin() as conn:
             done = await conn.execute(update(jobs).where(self._held(job_id, token)).values(
                 status="queued", owner=None, lease_until=None, claim_token=None, attempts=attempts))
-            if done.rowcount == 1 and event is not None:
-                await conn.execute(insert(job_events).values(job_id=job_id, seq=event.seq, event=event.event,
-                                                             data=event.data))
-        if done.rowcount == 1 and event is not None:
-            self._changed(job_id, [event])
+            if done.rowcount == 1 and requeued is not None:
+                seq = (await conn.execute(select(func.coalesce(func.max(job_events.c.seq), 0) + 1)
+                                          .where(job_events.c.job_id == job_id))).scalar()
+                written.append(JobEvent(int(seq), "requeued", requeued))
+                await conn.execute(insert(job_events).values(job_id=job_id, seq=seq, event="requeued", data=requeued))
+        if written:
+            self._changed(job_id, written)
         return done.rowcount == 1
 
     def result(self, job: JobRow) -> bytes | None:
@@ -657,15 +660,20 @@ class JobStore:
     @translated
     async def probe_room(self, nbytes: int = 256 * 1024) -> None:
         """Raise :class:`~service.jobs.outage.StoreFull` unless a job of ``nbytes`` could be stored now: a
-        row that size is inserted and rolled back (after a full disk, this tells when space is freed)."""
-        async with self.engine.connect() as conn:
-            tx = await conn.begin()
-            try:
-                await conn.execute(insert(jobs).values(
-                    id="probe-" + secrets.token_hex(8), route="probe", status="probe", spec=os.urandom(nbytes),
-                    slots=0, created_at=0.0, attempts=0))
-            finally:
-                await tx.rollback()
+        row that size is committed and deleted again (a rolled-back one may never reach the disk), and a
+        file that size written in the results folder. After a full disk, this tells when space is freed."""
+        probe = "probe-" + secrets.token_hex(8)
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(jobs).values(
+                id=probe, route="probe", status="probe", spec=os.urandom(nbytes), slots=0, created_at=0.0,
+                attempts=0))
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(jobs).where(jobs.c.id == probe))
+        path = self.results_dir / f"{probe}.tmp"
+        try:
+            path.write_bytes(os.urandom(nbytes))
+        finally:
+            path.unlink(missing_ok=True)
 
     # ---- webhooks ----------------------------------------------------------------------------------
     @translated

@@ -194,6 +194,7 @@ class JobWorker:
         self._deliveries: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._last_probe = -float("inf")  # when a full store was last probed for room
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -277,8 +278,7 @@ class JobWorker:
             except Exception:  # noqa: BLE001 - a bug must not end the loop
                 logger.exception("claiming jobs failed; retrying")
             else:
-                if not self.store.health.full:
-                    self.store.health.succeeded()
+                self.store.health.succeeded()
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.poll)
@@ -311,14 +311,13 @@ class JobWorker:
         except JobRetry as exc:
             logger.warning("job %s goes back to the queue: %s", job.id, exc)
             await reporter.settle()
-            requeued = JobEvent(reporter.seq, "requeued", requeued_event_data(
-                str(exc), exc.code, job.attempts))
+            requeued = requeued_event_data(str(exc), exc.code, job.attempts)
             counted = exc.count_attempt
             if await self._persist(lambda: self.store.release(job.id, token, counted, requeued)):
                 if self.metrics is not None:
                     self.metrics.job_requeued()
         except StoreFull as exc:
-            done = await self._end_on_full(job, reporter, exc)
+            await self._hold_on_full(job, reporter, exc)
         except asyncio.CancelledError:
             if self._stopping:  # give it back now rather than when its lease runs out
                 with contextlib.suppress(Exception):
@@ -338,15 +337,23 @@ class JobWorker:
         if done:
             self.job_finished(job.id)
 
-    async def _end_on_full(self, job: JobRow, reporter: JobReporter, exc: StoreFull) -> bool:
-        """The store is full: the job ends as failed with the code ``store_full`` (a status update needs no
-        room); if even that cannot be written, its lease runs out and the job is held in the queue."""
+    async def _hold_on_full(self, job: JobRow, reporter: JobReporter, exc: StoreFull) -> None:
+        """The store is full: the run stops (its slots are freed) and the job is held, given back to the
+        queue with a ``requeued`` event of code ``store_full``, its attempt not counted. Claims pause
+        while the store is full, so it runs again once space is freed. The release itself is retried
+        until it can be written (the job stays this replica's, its lease renewed, meanwhile)."""
         reporter.finishing = True
-        try:
-            why = str(exc)
-            return await self._persist(lambda: self.store.fail(job.id, reporter.token, why, "store_full"))
-        except StoreError:
-            return False
+        data = requeued_event_data(f"{exc}; the job waits in the queue until space is freed", "store_full",
+                                   job.attempts)
+        attempt = 0
+        while True:
+            try:
+                await asyncio.shield(self.store.release(job.id, reporter.token, False, data))
+                return
+            except StoreError as err:
+                self.store.health.failed(err)
+                await asyncio.sleep(backoff(attempt, cap=5.0))
+                attempt += 1
 
     def cancel_local(self, job_id: str) -> bool:
         """Stop a job this replica runs (it was canceled): the run is cancelled, which aborts its engine
@@ -408,8 +415,7 @@ class JobWorker:
         while True:
             try:
                 await self.housekeeping_once()
-                if not self.store.health.full:
-                    self.store.health.succeeded()
+                self.store.health.succeeded()
             except StoreError as exc:  # logged once per change of state
                 self.store.health.failed(exc)
             except Exception:  # noqa: BLE001 - a bug must not end the loop
@@ -420,16 +426,14 @@ class JobWorker:
 
     async def _probe_room(self) -> None:
         """While the store is full: has space been freed? Then claims resume."""
-        if time.monotonic() - self.store.health.since < self.config.full_probe:
+        if time.monotonic() - self._last_probe < self.config.full_probe:
             return
+        self._last_probe = time.monotonic()
         try:
             await self.store.probe_room()
-        except StoreError as exc:
-            self.store.health.since = time.monotonic()  # probe again after full_probe
-            if not isinstance(exc, StoreFull):
-                self.store.health.failed(exc)
+        except StoreError:
             return
-        self.store.health.succeeded()
+        self.store.health.succeeded(room=True)
         self.wake()
 
     async def purge_once(self) -> tuple[int, int]:

@@ -12,12 +12,12 @@ from service.jobs import follow_events
 from service.server.core.deps import get_runtime
 from service.server.core.errors import APIError, bad_request
 from service.server.core.jobs import Jobs, job_resource
-from service.server.core.openapi import error_responses
+from service.server.core.openapi import error_responses, event_stream_schema
 from service.server.core.routing import v1_router
 from service.server.core.runtime import Runtime
 from service.server.core.serving_base import SSE_PING_SECONDS
 from service.server.jobs.cursor import CURSOR_PREFIX, decode_cursor, encode_cursor
-from service.server.jobs.protocol import Job, JobDeleted, JobList, JobStatus
+from service.server.jobs.protocol import Job, JobDeleted, JobList, JobRequeued, JobStatus
 
 router = v1_router(tags=["jobs"])
 
@@ -101,8 +101,13 @@ def last_event_id(request: Request) -> int:
 @router.get("/jobs/{job_id}/events", summary="the job's events (the route's SSE stream), resumable with Last-Event-ID",
             response_class=EventSourceResponse,
             responses={200: {"description": "server-sent events, each with an `id:`; a client reconnecting with "
-                                            "`Last-Event-ID` gets what it missed, then the live events",
-                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                            "`Last-Event-ID` gets what it missed, then the live events. The route's "
+                                            "own events, and `requeued` when an attempt was cut and the job went "
+                                            "back to the queue (the events after it are the next attempt's, from "
+                                            "its start; not an error: keep reading)",
+                             "content": {"text/event-stream": {"schema": {"oneOf": [
+                                 {"type": "object", "description": "an event of the route's own stream"},
+                                 *event_stream_schema({"requeued": JobRequeued})["oneOf"]]}}}},
                        **error_responses(400, 404)})
 async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs)) -> Response:
     after = last_event_id(request)
