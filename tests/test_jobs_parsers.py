@@ -5,7 +5,7 @@ non-negative integer, or a 400)."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
@@ -53,6 +53,8 @@ def test_a_last_event_id_beyond_int4_is_a_400_not_a_broken_stream(n):
 
 
 @settings(max_examples=25, deadline=None)
+@example("r" * 128)
+@example("r" * 129)
 @given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=200))
 def test_replica_id_is_checked_at_the_edge(name):
     """A replica id over 128 characters (the store's column) made every claim fail; now the start refuses it."""
