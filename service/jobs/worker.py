@@ -294,40 +294,12 @@ class JobWorker:
         if after is not None:  # an older run of this job in this process: let it stop first
             with contextlib.suppress(BaseException):
                 await after
-        token = reporter.token
-        done = False
         try:
-            body = await self.executor.run(job, reporter)
-            await reporter.flush()  # every event is stored before the job is marked done
-            reporter.finishing = True  # shielded: a cancel now must not cut the completing transaction
-            done = await self._persist(lambda: self.store.complete(job.id, token, body))
-        except JobFailed as exc:
-            await reporter.settle()
-            reporter.finishing = True
-            message, code = exc.message, exc.code
-            done = await self._persist(lambda: self.store.fail(job.id, token, message, code))
-        except JobLost:
-            done = False
-        except JobRetry as exc:
-            logger.warning("job %s goes back to the queue: %s", job.id, exc)
-            await reporter.settle()
-            requeued = requeued_event_data(str(exc), exc.code, job.attempts)
-            counted = exc.count_attempt
-            if await self._persist(lambda: self.store.release(job.id, token, counted, requeued)):
-                if self.metrics is not None:
-                    self.metrics.job_requeued()
-        except StoreFull as exc:
-            await self._hold_on_full(job, reporter, exc)
-        except asyncio.CancelledError:
-            if self._stopping:  # give it back now rather than when its lease runs out
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.store.release(job.id, token))
-            raise
-        except Exception:  # noqa: BLE001 - recorded on the job; the log has the traceback
-            logger.exception("job %s failed", job.id)
-            await reporter.settle()
-            done = await self._persist(
-                lambda: self.store.fail(job.id, token, f"the generation failed (job {job.id})", "generation_failed"))
+            try:
+                done = await self._attempt(job, reporter)
+            except StoreFull as exc:  # from the run's writes, or from writing how it ended
+                await self._hold_on_full(job, reporter, exc)
+                done = False
         finally:
             reporter.close()
             mine = self.running.get(job.id)
@@ -336,6 +308,43 @@ class JobWorker:
             self.wake()
         if done:
             self.job_finished(job.id)
+
+    async def _attempt(self, job: JobRow, reporter: JobReporter) -> bool:
+        """Run the job and store how it ended; True when it ended here (succeeded or failed)."""
+        token = reporter.token
+        try:
+            body = await self.executor.run(job, reporter)
+            await reporter.flush()  # every event is stored before the job is marked done
+            reporter.finishing = True  # shielded: a cancel now must not cut the completing transaction
+            return await self._persist(lambda: self.store.complete(job.id, token, body))
+        except JobFailed as exc:
+            await reporter.settle()
+            reporter.finishing = True
+            message, code = exc.message, exc.code
+            return await self._persist(lambda: self.store.fail(job.id, token, message, code))
+        except JobLost:
+            return False
+        except JobRetry as exc:
+            logger.warning("job %s goes back to the queue: %s", job.id, exc)
+            await reporter.settle()
+            requeued = requeued_event_data(str(exc), exc.code, job.attempts)
+            counted = exc.count_attempt
+            if await self._persist(lambda: self.store.release(job.id, token, counted, requeued)):
+                if self.metrics is not None:
+                    self.metrics.job_requeued()
+            return False
+        except StoreFull:
+            raise
+        except asyncio.CancelledError:
+            if self._stopping:  # give it back now rather than when its lease runs out
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.release(job.id, token))
+            raise
+        except Exception:  # noqa: BLE001 - recorded on the job; the log has the traceback
+            logger.exception("job %s failed", job.id)
+            await reporter.settle()
+            return await self._persist(
+                lambda: self.store.fail(job.id, token, f"the generation failed (job {job.id})", "generation_failed"))
 
     async def _hold_on_full(self, job: JobRow, reporter: JobReporter, exc: StoreFull) -> None:
         """The store is full: the run stops (its slots are freed) and the job is held, given back to the

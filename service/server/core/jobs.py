@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Awaitable, Callable, cast
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Awaitable, Callable, TypeVar, cast
 
 from fastapi import Request
 
@@ -35,7 +35,7 @@ from service.jobs import (
     check_webhook_url,
     open_store,
 )
-from service.jobs.outage import StoreError, StoreFull, StoreUnavailable, backoff
+from service.jobs.outage import StoreError, StoreFull, StoreUnavailable, backoff, retry_unavailable
 from service.prompts import Task
 from service.server.core.errors import APIError, bad_request
 from service.task import Finished, ImageProgress, ImageReady
@@ -277,6 +277,19 @@ async def retry_start(worker: JobWorker, store: JobStore) -> None:
             attempt += 1
 
 
+#: Seconds a job route waits out a store that went away (a failover, a restart) before answering 503.
+STORE_PATIENCE = 10.0
+
+T = TypeVar("T")
+
+
+async def patiently(store: JobStore, op: Callable[[], Awaitable[T]], within: float = STORE_PATIENCE) -> T:
+    """``op()`` on the store, retried with backoff for up to ``within`` seconds while the store is
+    unavailable: a client polling a job through a short outage gets its answer, a little late."""
+    started = time.monotonic()
+    return await retry_unavailable(op, store.health, give_up=lambda: time.monotonic() - started > within)
+
+
 def store_refusal(store: JobStore) -> APIError | None:
     """Why a new job cannot be stored now: 507 while the store is full (until space is freed)."""
     if store.health.full:
@@ -308,8 +321,8 @@ async def submit_job(serving: ServingBase, endpoint: str, task: Task, params: An
     if refused is not None:
         raise refused
     try:
-        row = await store.submit(NewJob(endpoint, encode_spec(endpoint, task, params, images),
-                                        slots=len(job.inputs), webhook=webhook))
+        new = NewJob(endpoint, encode_spec(endpoint, task, params, images), slots=len(job.inputs), webhook=webhook)
+        row = await patiently(store, lambda: store.submit(new))
     except StoreError as exc:
         store.health.failed(exc)
         raise store_error(exc) from None

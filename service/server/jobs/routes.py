@@ -11,7 +11,7 @@ from sse_starlette import EventSourceResponse
 from service.jobs import follow_events
 from service.server.core.deps import get_runtime
 from service.server.core.errors import APIError, bad_request
-from service.server.core.jobs import Jobs, job_resource
+from service.server.core.jobs import Jobs, job_resource, patiently
 from service.server.core.openapi import error_responses, event_stream_schema
 from service.server.core.routing import v1_router
 from service.server.core.runtime import Runtime
@@ -37,7 +37,7 @@ def _unknown(job_id: str) -> APIError:
 @router.get("/jobs/{job_id}", summary="a job: status, progress, and its result once it succeeded",
             response_model=Job, responses=_NOT_FOUND)
 async def get_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
-    job = await jobs.store.get(job_id)
+    job = await patiently(jobs.store, lambda: jobs.store.get(job_id))
     if job is None:
         raise _unknown(job_id)
     return JSONResponse(job_resource(job, jobs.store))
@@ -51,7 +51,8 @@ async def list_jobs(status: JobStatus | None = None, limit: int = Query(20, ge=1
                                                           "that job is deleted), or its `last_id`"),
                     jobs: Jobs = Depends(_jobs)) -> JSONResponse:
     cursor = decode_cursor(after) if after is not None and after.startswith(CURSOR_PREFIX) else None
-    rows = await jobs.store.list_jobs(status, limit + 1, after if cursor is None else None, cursor)
+    rows = await patiently(jobs.store, lambda: jobs.store.list_jobs(status, limit + 1, after if cursor is None else None,
+                                                                   cursor))
     page = rows[:limit]
     return JSONResponse({"object": "list", "data": [job_resource(j, jobs.store, include_result=False) for j in page],
                          "has_more": len(rows) > limit, "last_id": page[-1].id if page else None,
@@ -61,7 +62,7 @@ async def list_jobs(status: JobStatus | None = None, limit: int = Query(20, ge=1
 @router.post("/jobs/{job_id}/cancel", summary="cancel a queued or running job (a running one's engine pair is freed)",
              response_model=Job, responses=error_responses(404, 409, descriptions={409: "the job has finished"}))
 async def cancel_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
-    job, canceled = await jobs.store.cancel(job_id)
+    job, canceled = await patiently(jobs.store, lambda: jobs.store.cancel(job_id))
     if job is None:
         raise _unknown(job_id)
     if not canceled:
@@ -76,7 +77,7 @@ async def cancel_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
                response_model=JobDeleted,
                responses=error_responses(404, 409, descriptions={409: "the job has not finished (cancel it first)"}))
 async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> JSONResponse:
-    job, deleted = await jobs.store.delete(job_id)
+    job, deleted = await patiently(jobs.store, lambda: jobs.store.delete(job_id))
     if job is None:
         raise _unknown(job_id)
     if not deleted:
@@ -111,7 +112,7 @@ def last_event_id(request: Request) -> int:
                        **error_responses(400, 404)})
 async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs)) -> Response:
     after = last_event_id(request)
-    if await jobs.store.get(job_id) is None:
+    if await patiently(jobs.store, lambda: jobs.store.status(job_id)) is None:
         raise _unknown(job_id)
 
     async def messages() -> AsyncIterator[dict[str, Any]]:
