@@ -92,8 +92,14 @@ def test_a_full_volume_answers_507_serves_the_rest_and_takes_jobs_again_once_fre
             assert before.status_code == 202
             assert wait_job(http, before.json()["id"])["status"] == "succeeded"
             volume.fill()
-            refused = [http.post("/v1/t2i", headers=ASYNC, json={**SMALL, "seed": i}) for i in range(5)]
-            assert [r.status_code for r in refused] == [507] * 5, [r.text for r in refused]
+            # SQLite may still fit a small job in its write-ahead log's existing pages: the first few may be
+            # accepted; from the first 507 on, every new job is refused
+            answers = [http.post("/v1/t2i", headers=ASYNC, json={**SMALL, "seed": i}) for i in range(12)]
+            codes = [r.status_code for r in answers]
+            assert 507 in codes and set(codes) <= {202, 507}, [r.text for r in answers]
+            refused = answers[codes.index(507):]
+            assert all(r.status_code == 507 for r in refused), codes
+            accepted = [r.json()["id"] for r in answers if r.status_code == 202]
             err = refused[-1].json()["error"]
             assert err["code"] == "store_full" and "full" in err["message"]
             assert http.get("/ready").json()["job_store"] == "full"
@@ -104,9 +110,10 @@ def test_a_full_volume_answers_507_serves_the_rest_and_takes_jobs_again_once_fre
                 time.sleep(0.3)
             after = http.post("/v1/t2i", headers=ASYNC, json=SMALL)
             assert after.status_code == 202, after.text
-            assert wait_job(http, after.json()["id"])["status"] == "succeeded"
+            for job_id in [*accepted, after.json()["id"]]:  # held while full, run once freed
+                assert wait_job(http, job_id)["status"] == "succeeded"
             listed = http.get("/v1/jobs", params={"limit": 100}).json()["data"]
-            assert {j["status"] for j in listed} == {"succeeded"} and len(listed) == 2  # none left unended
+            assert {j["status"] for j in listed} == {"succeeded"} and len(listed) == 2 + len(accepted)  # none unended
     finally:
         volume.close()
     text = log.read_text(errors="replace")
