@@ -18,7 +18,7 @@ ended (goal: all, each exactly once: a succeeded job has one result and one ``do
 stream, each event id once), and the server's RSS two minutes after its (re)start and at the end (goal:
 growth under 10 %). A 20-minute run is the lead's; ``--minutes 3`` checks the harness.
 
-    .venv/bin/python bench/soak.py [--minutes 20] [--engine reference] [--json out.json]
+    .venv/bin/python bench/soak.py [--minutes 20] [--engine reference] [--json out.json] [--logs DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,10 +276,17 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=20.0, help="how long the load runs (default 20)")
     ap.add_argument("--engine", default=None, help="the engine to serve --demo with (default: --demo's own)")
     ap.add_argument("--json", type=Path, default=None, help="write the report here too")
+    ap.add_argument("--logs", type=Path, default=None, help="copy the server logs (one per start) here")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     with tempfile.TemporaryDirectory(prefix="emu35-soak-") as tmp:
-        report = Soak(args, Path(tmp)).run()
+        try:
+            report = Soak(args, Path(tmp)).run()
+        finally:
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in Path(tmp).glob("server-*.log"):
+                    shutil.copy(log, args.logs / log.name)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json is not None:

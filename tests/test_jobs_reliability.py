@@ -736,3 +736,41 @@ def test_a_job_route_waits_out_a_short_outage_then_answers_503():
     with pytest.raises(StoreUnavailable):
         run(patiently(gone, gone.get, within=0.5))  # type: ignore[arg-type]
     assert time.monotonic() - started < 3
+
+
+class _DriverError(Exception):
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(("sqlstate", "kind"), [
+    ("57P03", "unavailable"),  # the database system is starting up / not yet accepting connections
+    ("57P01", "unavailable"),  # terminating connection due to administrator command
+    ("08006", "unavailable"),  # connection failure
+    ("40001", "unavailable"),  # serialization failure
+    ("40P01", "unavailable"),  # deadlock detected
+    ("53100", "full"),  # could not extend file: No space left on device
+    ("23505", None),  # unique violation: the code's fault, never retried
+    ("42P01", None),  # undefined table
+])
+def test_postgresql_errors_are_classified_by_sqlstate_whatever_the_driver_class(sqlstate, kind):
+    """A restarting PostgreSQL answers 57P03 through asyncpg as a bare DBAPIError (seen in a soak as a 500)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from service.jobs.outage import StoreUnavailable, classify
+
+    got = classify(DBAPIError("SELECT 1", {}, _DriverError("the database says no", sqlstate)))
+    assert {None: None, "unavailable": StoreUnavailable, "full": StoreFull}[kind] == (type(got) if got else None)
+
+
+def test_sqlite_and_os_errors_are_classified():
+    from sqlalchemy.exc import OperationalError
+
+    from service.jobs.outage import StoreUnavailable, classify
+
+    assert isinstance(classify(OperationalError("INSERT", {}, Exception("database is locked"))), StoreUnavailable)
+    assert isinstance(classify(OperationalError("INSERT", {}, Exception("database or disk is full"))), StoreFull)
+    assert isinstance(classify(OSError(28, "No space left on device")), StoreFull)
+    assert isinstance(classify(ConnectionRefusedError(111, "Connect call failed")), StoreUnavailable)
+    assert classify(ValueError("a bug")) is None

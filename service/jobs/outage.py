@@ -49,6 +49,11 @@ class StoreFull(StoreError):
 
 #: PostgreSQL SQLSTATE class 53: insufficient resources (53100 disk_full, 53200 out_of_memory, ...).
 _PG_FULL_PREFIX = "53"
+#: SQLSTATEs that are the database's weather, whatever the driver's exception class: connection
+#: exceptions (08), operator intervention (57: shutting down, starting up, crash recovery), transaction
+#: rollbacks a retry resolves (40: serialization failure, deadlock), lock not available (55P03), system
+#: errors (58: I/O).
+_PG_TRANSIENT_PREFIXES = ("08", "57", "40", "55P03", "58")
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -71,6 +76,8 @@ def classify(exc: BaseException) -> StoreError | None:
     state = _sqlstate(exc)
     if state is not None and state.startswith(_PG_FULL_PREFIX):
         return StoreFull(f"the job store is full: {_first_line(exc)}")
+    if state is not None and state.startswith(_PG_TRANSIENT_PREFIXES):
+        return StoreUnavailable(f"the job store is unavailable: {_first_line(exc)}")
     if isinstance(exc, DBAPIError):
         # integrity and programming errors are the code's fault; the rest (operational, interface,
         # a connection invalidated) are the database's weather
