@@ -284,6 +284,7 @@ def test_a_short_store_outage_with_3_running_and_5_waiting_loses_nothing(outage,
             await asyncio.sleep(SHORT_OUTAGE)
             outage.start()
             await until(lambda: all_finished(s, ids), within=60, what="all 8 finished")
+            await until(lambda: s.health.state == "ok", what="the store seen back")
             for job_id in ids:
                 row = await s.get(job_id)
                 assert row.status == "succeeded" and row.attempts == 1, (row.status, row.attempts, row.error)

@@ -113,8 +113,9 @@ def translated(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 #: Seconds without a failure before a store that failed counts as back: while it comes and goes (reads
-#: served, writes refused, as under a locked SQLite) the log keeps one line, not one per flap.
-SETTLE_SECONDS = 1.0
+#: served, writes refused, as under a locked SQLite) the log keeps one line, not one per flap. Longer
+#: than the backoff cap, so a write being retried keeps the state down between its tries.
+SETTLE_SECONDS = 2 * BACKOFF_CAP
 
 
 class StoreHealth:
@@ -179,5 +180,4 @@ async def retry_unavailable(op: Callable[[], Awaitable[T]], health: StoreHealth,
         except StoreFull as exc:
             health.failed(exc)
             raise
-        health.succeeded()
-        return result
+        return result  # the store's own statements tell its health it works (JobStore.__init__)

@@ -262,6 +262,12 @@ class JobStore:
         self.is_postgres = engine.dialect.name == "postgresql"
         self.health = StoreHealth()  # as this process last saw the store (one log line per change)
         self._watchers: dict[str, set[JobWatch]] = {}  # followers in this process, handed each commit
+        # a statement the database answered is what tells the health the store works (not a caller that
+        # returned without asking it, like a claim with no free slot)
+        event.listen(engine.sync_engine, "after_cursor_execute", self._answered)
+
+    def _answered(self, *_args: Any) -> None:
+        self.health.succeeded()
 
     # ---- the database's clock ------------------------------------------------------------------------
     def db_now(self) -> ColumnElement[float]:

@@ -272,13 +272,11 @@ class JobWorker:
                 failures = 0
             except StoreError as exc:  # one log line per change of state (StoreHealth), not per poll
                 self.store.health.failed(exc)
-                await asyncio.sleep(backoff(failures, cap=5.0))
+                await asyncio.sleep(backoff(failures))
                 failures += 1
                 continue
             except Exception:  # noqa: BLE001 - a bug must not end the loop
                 logger.exception("claiming jobs failed; retrying")
-            else:
-                self.store.health.succeeded()
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.poll)
@@ -424,7 +422,6 @@ class JobWorker:
         while True:
             try:
                 await self.housekeeping_once()
-                self.store.health.succeeded()
             except StoreError as exc:  # logged once per change of state
                 self.store.health.failed(exc)
             except Exception:  # noqa: BLE001 - a bug must not end the loop
