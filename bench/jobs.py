@@ -96,6 +96,9 @@ class InstantExecutor:
     def free_slots(self) -> int:
         return self.slots - self.active
 
+    def total_slots(self) -> int:
+        return self.slots
+
     async def run(self, job: JobRow, report: JobReporter) -> bytes:
         self.active += 1
         report.admitted.set()

@@ -127,9 +127,16 @@ class Settings(BaseSettings):
     job_ttl: float = Field(86400.0, gt=0, description="seconds a finished job, its events and result are kept")
     job_lease: float = Field(30.0, ge=1, description="seconds a replica's claim on a running job lasts unrenewed")
     job_max_attempts: int = Field(3, ge=1, description="claims of a job whose replica keeps dying before it fails")
+    job_store_wait: float = Field(
+        60.0, ge=0, description="seconds to wait for an unreachable job store at start (retried with backoff while "
+                                "/ready answers 503) before exiting with one line that says so")
+    job_reserve_after: float = Field(
+        60.0, ge=0, description="seconds the oldest queued job may wait for more free slots than a replica has "
+                                "before that replica holds its free slots for it (smaller jobs pass it until then)")
     replica_id: str | None = Field(
-        None, description="this replica's name in the job store (default: the host name; keep it stable across "
-                          "restarts so a restart queues its own jobs again at once)")
+        None, min_length=1, max_length=128,
+        description="this replica's name in the job store, 128 characters at most (default: the host name; keep it "
+                    "stable across restarts so a restart queues its own jobs again at once)")
     webhook_secret: SecretStr | None = Field(
         None, description="Standard Webhooks signing secret (whsec_… base64); unset: webhooks are sent unsigned")
     webhook_allow_hosts: list[str] = Field(

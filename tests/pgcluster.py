@@ -40,29 +40,52 @@ def _as_cluster_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd]
 
 
+class PgCluster:
+    """A throwaway cluster that a test may stop and start again (a database outage), on the same port."""
+
+    def __init__(self, bindir: Path, root: Path, port: int) -> None:
+        self.bindir, self.root, self.port = bindir, root, port
+        self.data = root / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def _pg_ctl(self, *args: str, check: bool = True) -> None:
+        subprocess.run(_as_cluster_user([str(self.bindir / "pg_ctl"), "-D", str(self.data), *args]),
+                       check=check, capture_output=True, text=True)
+
+    def start(self) -> None:
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=100"
+        self._pg_ctl("-o", opts, "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        """Stop at once (as a crash or a failover would): connections are cut, nothing answers."""
+        self._pg_ctl("-m", "immediate", "-w", "stop", check=False)
+
+
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
-    """A running cluster; yields a ``postgresql://`` URL of its ``postgres`` database (trust auth)."""
+def pg_cluster_control() -> Iterator[PgCluster]:
+    """A running cluster (trust auth) that the test can stop and start."""
     bindir = pg_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries are not installed (make postgresql)")
     root = Path(tempfile.mkdtemp(prefix="emu35-pg-"))
-    data = root / "data"
     if os.getuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    user = "postgres"
-    run = lambda *args: subprocess.run(_as_cluster_user([str(bindir / args[0]), *args[1:]]),  # noqa: E731
-                                       check=True, capture_output=True, text=True)
-    run("initdb", "-D", str(data), "-U", user, "-A", "trust", "--no-sync", "-E", "UTF8")
-    port = _free_port()
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=100"
-    run("pg_ctl", "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start")
+    subprocess.run(_as_cluster_user([str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres", "-A", "trust",
+                                     "--no-sync", "-E", "UTF8"]), check=True, capture_output=True, text=True)
+    cluster = PgCluster(bindir, root, _free_port())
+    cluster.start()
     try:
-        yield f"postgresql://{user}@127.0.0.1:{port}/postgres"
+        yield cluster
     finally:
-        subprocess.run(_as_cluster_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                       capture_output=True)
+        cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """A running cluster; yields a ``postgresql://`` URL of its ``postgres`` database (trust auth)."""
+    with pg_cluster_control() as cluster:
+        yield cluster.url
 
 
 def fresh_database(url: str, name: str) -> str:

@@ -5,7 +5,7 @@ non-negative integer, or a 400)."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
@@ -39,9 +39,57 @@ def test_other_preferences_are_ignored(prefs):
     assert not prefers_async(request_with())
 
 
-@given(st.integers(min_value=0, max_value=10**17))
+@given(st.integers(min_value=0, max_value=2**31 - 1))
 def testlast_event_id_reads_a_non_negative_integer(n):
     assert last_event_id(request_with(("Last-Event-ID", str(n)))) == n
+
+
+@given(st.integers(min_value=2**31, max_value=10**30))
+def test_a_last_event_id_beyond_int4_is_a_400_not_a_broken_stream(n):
+    """Event ids are PostgreSQL int4: a larger one would fail every read of the stream, in a loop."""
+    with pytest.raises(APIError) as err:
+        last_event_id(request_with(("Last-Event-ID", str(n))))
+    assert err.value.status == 400 and err.value.param == "Last-Event-ID"
+
+
+@settings(max_examples=25, deadline=None)
+@example("r" * 128)
+@example("r" * 129)
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=200))
+def test_replica_id_is_checked_at_the_edge(name):
+    """A replica id over 128 characters (the store's column) made every claim fail; now the start refuses it."""
+    from pydantic import ValidationError
+
+    from service.settings import load_settings
+
+    if len(name) <= 128:
+        assert load_settings(["--demo", f"--replica-id={name}"]).replica_id == name
+    else:
+        with pytest.raises(ValidationError, match="replica_id"):
+            load_settings(["--demo", f"--replica-id={name}"])
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False), st.text(min_size=1, max_size=80))
+def test_a_list_cursor_round_trips(created_at, job_id):
+    from service.server.jobs.cursor import CURSOR_PREFIX, decode_cursor, encode_cursor
+
+    cursor = encode_cursor(created_at, job_id)
+    assert cursor.startswith(CURSOR_PREFIX) and decode_cursor(cursor) == (created_at, job_id)
+
+
+@given(st.text(max_size=40))
+def test_anything_else_as_a_cursor_is_a_400_naming_after(junk):
+    from service.server.jobs.cursor import CURSOR_PREFIX, decode_cursor
+
+    for bad in ("", "x", "e30", "WzFd", "WyJhIiwiYiJd", "W3RydWUsImEiXQ"):  # {}, [1], ["a","b"], [true,"a"]
+        with pytest.raises(APIError) as err:
+            decode_cursor(CURSOR_PREFIX + bad)
+        assert err.value.status == 400 and err.value.param == "after"
+    try:  # whatever comes: a cursor, or a 400 naming `after`, never another exception
+        at, job_id = decode_cursor(CURSOR_PREFIX + junk)
+        assert isinstance(at, float) and isinstance(job_id, str)
+    except APIError as exc:
+        assert exc.status == 400 and exc.param == "after"
 
 
 @given(st.text(min_size=1, max_size=30).filter(lambda s: not (s.isascii() and s.isdigit())))

@@ -103,8 +103,7 @@ def test_expired_leases_are_requeued_then_failed_after_max_attempts(store_url, t
             for attempt in (1, 2):
                 (claimed,) = await s.claim("dead", 1, lease=10, now=100.0 * attempt)
                 assert claimed.attempts == attempt
-                assert await s.renew("dead", [job.id], lease=10, now=100.0 * attempt + 5) == {job.id}
-                assert await s.expire_leases(max_attempts=2, now=100.0 * attempt + 12) == ([], [])  # renewed
+                assert await s.expire_leases(max_attempts=2, now=100.0 * attempt + 5) == ([], [])  # held
                 requeued, failed = await s.expire_leases(max_attempts=2, now=100.0 * attempt + 20)
                 if attempt == 1:
                     assert (requeued, failed) == ([job.id], [])
@@ -124,13 +123,13 @@ def test_a_replica_that_lost_its_job_cannot_write_to_it(store_url, tmp_path):
         s = await opened(store_url, tmp_path)
         try:
             job = await s.submit(NewJob("t2i", b"{}"), now=0.0)
-            await s.claim("old", 1, lease=10, now=1.0)
+            (old,) = await s.claim("old", 1, lease=10, now=1.0)
             await s.expire_leases(3, now=20.0)
-            await s.claim("new", 1, lease=10, now=21.0)
-            assert await s.renew("old", [job.id], 10) == set()
-            assert not await s.add_events(job.id, "old", [JobEvent(1, "text", "x")])
-            assert not await s.complete(job.id, "old", b'{"old": 1}')
-            assert await s.complete(job.id, "new", b'{"new": 1}')
+            (new,) = await s.claim("new", 1, lease=10, now=21.0)
+            assert await s.renew([old.claim_token], 10) == set()
+            assert not await s.add_events(job.id, old.claim_token, [JobEvent(2, "text", "x")])
+            assert not await s.complete(job.id, old.claim_token, b'{"old": 1}')
+            assert await s.complete(job.id, new.claim_token, b'{"new": 1}')
             done = await s.get(job.id)
             assert done.status == "succeeded" and s.result(done) == b'{"new": 1}'
             assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [f"{job.id}.json"]
@@ -161,17 +160,18 @@ def test_events_replay_after_a_sequence_id_and_follow_ends_with_the_job(store_ur
         s = await opened(store_url, tmp_path)
         try:
             job = await s.submit(NewJob("t2i", b"{}"))
-            await s.claim("w", 1, 30)
+            (claim,) = await s.claim("w", 1, 30)
+            w = claim.claim_token
             for seq in range(1, 6):
-                assert await s.add_events(job.id, "w", [JobEvent(seq, "text", f"d{seq}")], {"rows": seq})
+                assert await s.add_events(job.id, w, [JobEvent(seq, "text", f"d{seq}")], {"rows": seq})
             assert [e.seq for e in await s.events(job.id, after=3)] == [4, 5]
             assert (await s.get(job.id)).progress == {"rows": 5}
             assert await s.next_seq(job.id) == 6
 
             async def finish_later():
                 await asyncio.sleep(0.3)
-                await s.add_events(job.id, "w", [JobEvent(6, "done", "{}")])
-                await s.complete(job.id, "w", b"{}")
+                await s.add_events(job.id, w, [JobEvent(6, "done", "{}")])
+                await s.complete(job.id, w, b"{}")
 
             finisher = asyncio.create_task(finish_later())
             got = [e.seq async for e in follow_events(s, job.id, after=2, poll=0.05)]
@@ -203,18 +203,19 @@ def test_a_follower_gets_this_processs_events_in_memory_and_reads_the_store_for_
         other = await opened(store_url, tmp_path)  # another replica on the same store
         try:
             job = await here.submit(NewJob("t2i", b"{}"))
-            await here.claim("w", 1, 30)
+            (claim,) = await here.claim("w", 1, 30)
+            w = claim.claim_token
             reads = CountingReads(here)
 
             async def write() -> None:
                 await asyncio.sleep(0.05)
                 for seq in range(1, 21):  # 20 events from this process
-                    assert await here.add_events(job.id, "w", [JobEvent(seq, "text", f"d{seq}")])
+                    assert await here.add_events(job.id, w, [JobEvent(seq, "text", f"d{seq}")])
                     await asyncio.sleep(0)
                 # 21-22 from the other replica: this process's watch never sees them
-                assert await other.add_events(job.id, "w", [JobEvent(21, "text", "d21"), JobEvent(22, "text", "d22")])
-                assert await here.add_events(job.id, "w", [JobEvent(23, "done", "{}")])
-                await here.complete(job.id, "w", b"{}")
+                assert await other.add_events(job.id, w, [JobEvent(21, "text", "d21"), JobEvent(22, "text", "d22")])
+                assert await here.add_events(job.id, w, [JobEvent(23, "done", "{}")])
+                await here.complete(job.id, w, b"{}")
 
             writer = asyncio.create_task(write())
             got = [(e.seq, e.data) async for e in follow_events(here, job.id, poll=30)]  # no polling
@@ -236,7 +237,7 @@ def test_dense_events_are_written_together_sparse_ones_at_once_and_all_in_order(
         s = await opened(store_url, tmp_path)
         try:
             job = await s.submit(NewJob("t2i", b"{}"))
-            await s.claim("w", 1, 30)
+            (claim,) = await s.claim("w", 1, 30)
             writes: list[list[int]] = []
             add_events = s.add_events
 
@@ -245,7 +246,7 @@ def test_dense_events_are_written_together_sparse_ones_at_once_and_all_in_order(
                 return await add_events(job_id, owner, events, progress)
 
             s.add_events = counting
-            report = JobReporter(s, job.id, "w", first_seq=1, write_every=0.2)
+            report = JobReporter(s, job.id, claim.claim_token, first_seq=1, write_every=0.2)
             for i in range(50):  # a burst: the first at once, the rest together when the timer fires
                 report.rows_done(i + 1)
                 await report.event("text", f"t{i}")
@@ -277,8 +278,8 @@ def test_events_a_failed_write_could_not_store_go_with_the_next_write(tmp_path):
         s = await opened(None, tmp_path)
         try:
             job = await s.submit(NewJob("t2i", b"{}"))
-            await s.claim("w", 1, 30)
-            add_events, failures = s.add_events, [OSError("the store hiccuped")]
+            (claim,) = await s.claim("w", 1, 30)
+            add_events, failures = s.add_events, [ValueError("not a store error")]
 
             async def flaky(job_id, owner, events, progress=None):
                 if failures:
@@ -286,8 +287,8 @@ def test_events_a_failed_write_could_not_store_go_with_the_next_write(tmp_path):
                 return await add_events(job_id, owner, events, progress)
 
             s.add_events = flaky
-            report = JobReporter(s, job.id, "w", first_seq=1, write_every=0.2)
-            with pytest.raises(OSError):
+            report = JobReporter(s, job.id, claim.claim_token, first_seq=1, write_every=0.2)
+            with pytest.raises(ValueError):
                 await report.event("text", "a")  # written at once: the write fails
             await report.event("text", "b")  # waits for the timer, which writes both
             await asyncio.sleep(0.6)
@@ -325,9 +326,9 @@ def test_ttl_purges_finished_jobs_with_their_events_and_results(store_url, tmp_p
         try:
             old = await s.submit(NewJob("t2i", b"{}"))
             live = await s.submit(NewJob("t2i", b"{}"))
-            await s.claim("w", 1, 30)
-            await s.add_events(old.id, "w", [JobEvent(1, "done", "{}")])
-            await s.complete(old.id, "w", b"{}", now=100.0)
+            (claim,) = await s.claim("w", 1, 30)
+            await s.add_events(old.id, claim.claim_token, [JobEvent(1, "done", "{}")])
+            await s.complete(old.id, claim.claim_token, b"{}", now=100.0)
             assert await s.purge_expired(now=105.0) == 0
             assert await s.purge_expired(now=111.0) == 1
             assert await s.get(old.id) is None and await s.events(old.id) == []
@@ -390,6 +391,9 @@ class FakeExecutor:
 
     def free_slots(self) -> int:
         return self.slots - self.active
+
+    def total_slots(self) -> int:
+        return self.slots
 
     async def run(self, job: JobRow, report: JobReporter) -> bytes:
         spec = json.loads(job.spec)
@@ -467,7 +471,11 @@ def test_a_job_its_replica_could_not_finish_is_queued_again(store_url, tmp_path,
             await wait_for(lambda: _count(s, "succeeded", 1))
             row = await s.get(job.id)
             assert ex.ran == [job.id, job.id] and row.attempts == (2 if retry == "counted" else 1)
-            assert [e.seq for e in await s.events(job.id)] == [1, 2, 3, 4, 5, 6]  # the rerun continues the ids
+            events = await s.events(job.id)
+            assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6, 7]  # the rerun continues the ids
+            # followers see why the stream starts over: a `requeued` event, never an `error`
+            assert [e.event for e in events] == ["image_progress"] * 3 + ["requeued"] + ["image_progress"] * 3
+            assert json.loads(events[3].data) == {"message": "engine died", "code": "engine_unavailable", "attempts": 1}
         finally:
             await w.stop()
             await s.close()
@@ -484,8 +492,8 @@ def test_a_job_launched_while_leases_are_renewed_is_not_taken_for_lost(tmp_path)
             job = await s.submit(NewJob("t2i", b'{"block": true}'))
             renew = s.renew
 
-            async def renew_while_a_claim_lands(owner, ids, lease, now=None):
-                held = await renew(owner, ids, lease, now)
+            async def renew_while_a_claim_lands(tokens, lease):
+                held = await renew(tokens, lease)
                 await w.claim_once()  # launched after the renewal read its ids, before it answered
                 return held
 

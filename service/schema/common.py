@@ -68,6 +68,9 @@ class ServiceStatus(BaseModel):
                                                 "with the API key when one is set (it may name files)")
     model_kind: Literal["emu3.5", "flashar"] | None = Field(
         None, description="on /ready: the kind of checkpoint served (flashar: anti-diagonal text-to-image only)")
+    job_store: Literal["ok", "unavailable", "full", "waiting"] | None = Field(
+        None, description="on /ready: the job store as this replica last saw it (waiting: not open yet, see "
+                          "--job-store-wait; full: new jobs are answered 507)")
 
 
 class ErrorDetail(BaseModel):

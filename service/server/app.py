@@ -13,18 +13,21 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.jobs.outage import StoreError
 from service.jobs.redact import redact_store_url
 from service.limits import BODY_BYTES_PER_EXTRA_SECOND, MAX_TEXT_BODY_BYTES
-from service.server.core.errors import APIError, install_handlers, send_closing_error
+from service.server.core.errors import APIError, error_response, install_handlers, send_closing_error
+from service.server.core.jobs import store_error
 from service.server.core.openapi import install as install_openapi
 from service.server.core.runtime import Runtime
 from service.server.emu35.routes import router as emu35_routes
 from service.server.emu35.serving import ServingGeneration
-from service.server.jobs.executor import Jobs
+from service.server.jobs.executor import Jobs, StoreWaitExpired
 from service.server.jobs.routes import router as jobs_routes
 from service.server.openai.routes import router as openai_routes
 from service.server.openai.serving import ServingOpenAIImages
@@ -177,20 +180,46 @@ def max_body_bytes(settings: Settings) -> int:
     return 3 * (settings.max_image_bytes * 4 // 3 + 1024) + 2**20
 
 
+async def _store_error(request: Request, exc: Exception) -> JSONResponse:
+    """A job store error reaching a route: 503 (retry later) or 507 (full), never a 500."""
+    assert isinstance(exc, StoreError)
+    return error_response(store_error(exc))
+
+
+async def open_jobs(runtime: Runtime) -> None:
+    """Open the job store and start its worker; a store still unreachable after ``--job-store-wait``, or
+    one that cannot be used (a newer schema), fails the start with one log line."""
+    try:
+        await Jobs.open(runtime)
+    except StoreWaitExpired as exc:
+        runtime.fail_start(str(exc))
+    except Exception as exc:  # noqa: BLE001 - reported by /ready and the log, loudly
+        logger.exception("the job store could not be opened")
+        runtime.fail_start(f"the job store could not be opened: {type(exc).__name__}: {exc}")
+
+
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     runtime = runtime or Runtime(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        jobs = await Jobs.open(runtime)  # a job store that cannot be opened stops the start, loudly
+        # the job store opens beside the model: while it is unreachable /ready answers 503, and after
+        # --job-store-wait the start fails with one line saying why
+        opening = asyncio.create_task(open_jobs(runtime), name="emu35-job-store-open")
         loading = asyncio.create_task(runtime.start())
         app.state.loading = loading
         try:
             yield
         finally:
-            jobs.worker.pause()  # running jobs may finish in the grace; what is cut goes back to the queue
+            if runtime.jobs is not None:
+                runtime.jobs.worker.pause()  # running jobs may finish in the grace; what is cut goes back to the queue
             await runtime.drain(settings.shutdown_grace_seconds)
-            await jobs.close()
+            if not opening.done():
+                opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await opening
+            if runtime.jobs is not None:
+                await runtime.jobs.close()
             if not loading.done():
                 loading.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -216,6 +245,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     for serving in (app.state.serving_generation, app.state.serving_openai):  # a stored job runs through these
         runtime.job_servings.update(dict.fromkeys(serving.job_params, serving))
     install_handlers(app)
+    app.add_exception_handler(StoreError, _store_error)
     install_openapi(app, auth=runtime.api_keys.required)
     for router in (operations, operations_v1, emu35_routes, openai_routes, jobs_routes, playground, docs,
                    guide):

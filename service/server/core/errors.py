@@ -31,6 +31,7 @@ _TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
+    507: "server_error",
 }
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
@@ -26,6 +27,7 @@ from service.jobs import (
     WebhookRefused,
     check_webhook_url,
 )
+from service.jobs.outage import StoreError, StoreFull, retry_unavailable
 from service.prompts import Task
 from service.server.core.auth import ANONYMOUS, Caller
 from service.server.core.errors import APIError, bad_request
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
 
 def prefers_async(request: Request) -> bool:
     """True when a ``Prefer`` header asks for ``respond-async`` (RFC 7240: a list of preferences, each a
@@ -132,16 +135,52 @@ def accept_job(runtime: Runtime, request: Request, params: Any) -> str | None:
 async def store_job(runtime: Runtime, endpoint: str, task: Task, params: Any, images: list[str | bytes],
                     webhook: str | None, slots: int, caller: Caller | None = None) -> dict[str, Any]:
     """Store a request its serving class has checked as the synchronous route would (a job of ``slots``
-    generations); the job resource (queued)."""
+    generations); the job resource (queued). 507 while the store is full, 503 when it stays away."""
     rt = runtime
     if rt.jobs is None:
         raise APIError(503, "the job store is not open yet", "model_loading", headers={"Retry-After": "5"})
     if slots > rt.limiter.slots:
         raise bad_request(f"this job needs {slots} generation slots; this server has {rt.limiter.slots}",
                           "too_many_generations", "n")
-    row = await rt.jobs.store.submit(NewJob(endpoint, encode_spec(endpoint, task, params, images),
-                                            slots=slots, webhook=webhook,
-                                            submitted_by=caller.name if caller is not None else None))
+    store: JobStore = rt.jobs.store
+    refused = store_refusal(store)
+    if refused is not None:
+        raise refused
+    try:
+        new = NewJob(endpoint, encode_spec(endpoint, task, params, images), slots=slots, webhook=webhook,
+                     submitted_by=caller.name if caller is not None else None)
+        row = await patiently(store, lambda: store.submit(new))
+    except StoreError as exc:
+        store.health.failed(exc)
+        raise store_error(exc) from None
     rt.metrics.jobs_submitted.labels(caller.label if caller is not None else ANONYMOUS).inc()
     rt.jobs.worker.wake()
     return job_resource(row, rt.jobs.store)
+
+
+# ---- a store that went away or filled up, as the routes answer it ------------------------------------
+#: Seconds a job route waits out a store that went away (a failover, a restart) before answering 503.
+STORE_PATIENCE = 10.0
+
+T = TypeVar("T")
+
+
+async def patiently(store: JobStore, op: Callable[[], Awaitable[T]], within: float = STORE_PATIENCE) -> T:
+    """``op()`` on the store, retried with backoff for up to ``within`` seconds while the store is
+    unavailable: a client polling a job through a short outage gets its answer, a little late."""
+    started = time.monotonic()
+    return await retry_unavailable(op, store.health, give_up=lambda: time.monotonic() - started > within)
+
+
+def store_refusal(store: JobStore) -> APIError | None:
+    """Why a new job cannot be stored now: 507 while the store is full (until space is freed)."""
+    if store.health.full:
+        return APIError(507, f"{store.health.reason}; new jobs are refused until space is freed", "store_full")
+    return None
+
+
+def store_error(exc: StoreError) -> APIError:
+    """A store error as the client sees it: 507 for a full disk, else 503 (retry later)."""
+    if isinstance(exc, StoreFull):
+        return APIError(507, f"{exc}; new jobs are refused until space is freed", "store_full")
+    return APIError(503, f"{exc}; retry later", "job_store_unavailable", headers={"Retry-After": "5"})

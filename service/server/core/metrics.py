@@ -50,6 +50,7 @@ METRIC_NAMES = (
     "emu35_jobs",
     "emu35_jobs_oldest_queued_age_seconds",
     "emu35_job_lease_expiries_total",
+    "emu35_job_requeues_total",
 )
 
 
@@ -116,6 +117,8 @@ class Metrics:
                                       "API key that submitted them", ["key"], registry=r)
         self.job_lease_expiries = Counter("emu35_job_lease_expiries", "running jobs whose lease expired "
                                           "(their replica died); queued again or failed", registry=r)
+        self.job_requeues = Counter("emu35_job_requeues", "job attempts given back to the queue by their replica "
+                                    "(the engine died, or the replica was busy or stopping)", registry=r)
 
     def attach_live(self, stats: Callable[[], EngineStats | None], ready: Callable[[], bool],
                     vq_queue: Callable[[], int]) -> None:
@@ -127,6 +130,9 @@ class Metrics:
     # the job worker's metrics sink (service.jobs.JobMetrics)
     def lease_expired(self, n: int) -> None:
         self.job_lease_expiries.inc(n)
+
+    def job_requeued(self) -> None:
+        self.job_requeues.inc()
 
     def jobs_counted(self, counts: dict[str, int], oldest_queued_age: float) -> None:
         for status, n in counts.items():

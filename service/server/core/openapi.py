@@ -36,6 +36,8 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     415: "wrong content type",
     429: "slots and queue are full: retry after Retry-After seconds",
     503: "the model is loading, the service is shutting down, or the engine died (Retry-After when known)",
+    507: "`Prefer: respond-async` only: the job store is full (code store_full); new jobs are refused until "
+         "space is freed",
 }
 
 #: Headers some error answers carry.

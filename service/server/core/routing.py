@@ -21,7 +21,7 @@ JOB_ACCEPTED: dict[int | str, dict[str, Any]] = {202: {
     "content": {"application/json": {"schema": {"type": "object", "description": "the job resource"}}}}}
 
 #: What every generation route may answer besides 200 (401, 408, 413: see service.server.core.openapi).
-GENERATION_ERRORS = {**JOB_ACCEPTED, **error_responses(400, 415, 429, 503)}
+GENERATION_ERRORS = {**JOB_ACCEPTED, **error_responses(400, 415, 429, 503, 507)}
 
 
 def v1_router(**kwargs: Any) -> APIRouter:

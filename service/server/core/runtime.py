@@ -109,8 +109,17 @@ class Runtime:
             self.error = f"{type(exc).__name__}: {exc}"
             logger.exception("emu35-serve failed to start; exiting")
 
+    def fail_start(self, reason: str) -> None:
+        """A part of the start other than the model failed (the job store): exit, saying why once."""
+        if self.state in ("loading", "ready"):
+            logger.error("emu35-serve cannot start: %s; exiting", reason)
+            self.state = "failed"
+            self.error = reason
+
     async def ready(self) -> bool:
         if self.state != "ready" or self.engine is None or self.vq is None or not self.vq.alive:
+            return False
+        if self.jobs is None:  # the job store is not open yet (or unreachable: see --job-store-wait)
             return False
         return await self.engine.health()
 

@@ -42,10 +42,23 @@ class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Job]
     has_more: bool
-    last_id: str | None = Field(None, description="pass as `after` for the next page")
+    last_id: str | None = Field(None, description="the last job's id (also accepted as `after`)")
+    next_cursor: str | None = Field(None, description="pass as `after` for the next page; unlike `last_id` it "
+                                                      "still works once that job is deleted or expired")
 
 
 class JobDeleted(BaseModel):
     id: str
     object: Literal["job"] = "job"
     deleted: Literal[True] = True
+
+
+class JobRequeued(BaseModel):
+    """The data of a job stream's ``requeued`` event: this attempt was cut (the engine died, the replica
+    stopped or lost its lease) and the job went back to the queue. The events after it are the next
+    attempt's, from its start; a follower keeps reading (it is not an error)."""
+
+    message: str = Field(..., description="why the attempt ended")
+    code: str = Field(..., description="engine_unavailable, shutting_down, overloaded, model_loading, "
+                                       "lease_expired or server_restarted")
+    attempts: int = Field(..., description="claims of the job so far (the next attempt is one more)")

@@ -12,13 +12,14 @@ from service.jobs import JobRow, follow_events
 from service.server.core.auth import Caller
 from service.server.core.deps import current_caller, get_runtime
 from service.server.core.errors import APIError, bad_request
-from service.server.core.jobs import job_resource
-from service.server.core.openapi import error_responses
+from service.server.core.jobs import job_resource, patiently
+from service.server.core.openapi import error_responses, event_stream_schema
 from service.server.core.routing import v1_router
 from service.server.core.runtime import Runtime
 from service.server.core.serving_base import SSE_PING_SECONDS
+from service.server.jobs.cursor import CURSOR_PREFIX, decode_cursor, encode_cursor
 from service.server.jobs.executor import Jobs
-from service.server.jobs.protocol import Job, JobDeleted, JobList, JobStatus
+from service.server.jobs.protocol import Job, JobDeleted, JobList, JobRequeued, JobStatus
 
 router = v1_router(tags=["jobs"])
 
@@ -38,7 +39,7 @@ def _unknown(job_id: str) -> APIError:
 async def _visible(jobs: Jobs, job_id: str, caller: Caller) -> JobRow:
     """The job, if it exists and ``caller`` may see it (its own, or any with an admin key); else 404, the
     same answer as for a job that does not exist, so ids of other keys' jobs cannot be probed."""
-    job = await jobs.store.get(job_id)
+    job = await patiently(jobs.store, lambda: jobs.store.get(job_id))
     if job is None or not caller.may_see(job.submitted_by):
         raise _unknown(job_id)
     return job
@@ -54,19 +55,25 @@ async def get_job(job_id: str, jobs: Jobs = Depends(_jobs), caller: Caller = Dep
 @router.get("/jobs", summary="jobs, newest first, filtered by status and paginated", response_model=JobList,
             responses=error_responses(400))
 async def list_jobs(status: JobStatus | None = None, limit: int = Query(20, ge=1, le=100),
-                    after: str | None = Query(None, description="the last id of the previous page"),
+                    after: str | None = Query(None, max_length=200,
+                                              description="the previous page's `next_cursor` (works even once "
+                                                          "that job is deleted), or its `last_id`"),
                     jobs: Jobs = Depends(_jobs), caller: Caller = Depends(current_caller)) -> JSONResponse:
-    rows = await jobs.store.list_jobs(status, limit + 1, after, submitted_by=None if caller.admin else caller.name)
+    cursor = decode_cursor(after) if after is not None and after.startswith(CURSOR_PREFIX) else None
+    mine = None if caller.admin else caller.name
+    rows = await patiently(jobs.store, lambda: jobs.store.list_jobs(status, limit + 1, after if cursor is None else None,
+                                                                   cursor, submitted_by=mine))
     page = rows[:limit]
     return JSONResponse({"object": "list", "data": [job_resource(j, jobs.store, include_result=False) for j in page],
-                         "has_more": len(rows) > limit, "last_id": page[-1].id if page else None})
+                         "has_more": len(rows) > limit, "last_id": page[-1].id if page else None,
+                         "next_cursor": encode_cursor(page[-1].created_at, page[-1].id) if page else None})
 
 
 @router.post("/jobs/{job_id}/cancel", summary="cancel a queued or running job (a running one's engine pair is freed)",
              response_model=Job, responses=error_responses(404, 409, descriptions={409: "the job has finished"}))
 async def cancel_job(job_id: str, jobs: Jobs = Depends(_jobs), caller: Caller = Depends(current_caller)) -> JSONResponse:
     await _visible(jobs, job_id, caller)
-    job, canceled = await jobs.store.cancel(job_id)
+    job, canceled = await patiently(jobs.store, lambda: jobs.store.cancel(job_id))
     if job is None:
         raise _unknown(job_id)
     if not canceled:
@@ -82,7 +89,7 @@ async def cancel_job(job_id: str, jobs: Jobs = Depends(_jobs), caller: Caller = 
                responses=error_responses(404, 409, descriptions={409: "the job has not finished (cancel it first)"}))
 async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs), caller: Caller = Depends(current_caller)) -> JSONResponse:
     await _visible(jobs, job_id, caller)
-    job, deleted = await jobs.store.delete(job_id)
+    job, deleted = await patiently(jobs.store, lambda: jobs.store.delete(job_id))
     if job is None:
         raise _unknown(job_id)
     if not deleted:
@@ -90,12 +97,16 @@ async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs), caller: Caller = 
     return JSONResponse({"id": job_id, "object": "job", "deleted": True})
 
 
+#: Event ids are stored as 32-bit integers (PostgreSQL's int4): a larger Last-Event-ID is no event's.
+MAX_EVENT_ID = 2**31 - 1
+
+
 def last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id")
     if raw is None or raw == "":
         return 0
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-        raise bad_request("Last-Event-ID must be the id of an event of this job (a non-negative integer)",
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 10 or int(raw) > MAX_EVENT_ID:
+        raise bad_request(f"Last-Event-ID must be the id of an event of this job (an integer from 0 to {MAX_EVENT_ID})",
                           "invalid_last_event_id", "Last-Event-ID")
     return int(raw)
 
@@ -103,8 +114,13 @@ def last_event_id(request: Request) -> int:
 @router.get("/jobs/{job_id}/events", summary="the job's events (the route's SSE stream), resumable with Last-Event-ID",
             response_class=EventSourceResponse,
             responses={200: {"description": "server-sent events, each with an `id:`; a client reconnecting with "
-                                            "`Last-Event-ID` gets what it missed, then the live events",
-                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                            "`Last-Event-ID` gets what it missed, then the live events. The route's "
+                                            "own events, and `requeued` when an attempt was cut and the job went "
+                                            "back to the queue (the events after it are the next attempt's, from "
+                                            "its start; not an error: keep reading)",
+                             "content": {"text/event-stream": {"schema": {"oneOf": [
+                                 {"type": "object", "description": "an event of the route's own stream"},
+                                 *event_stream_schema({"requeued": JobRequeued})["oneOf"]]}}}},
                        **error_responses(400, 404)})
 async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs),
                      caller: Caller = Depends(current_caller)) -> Response:

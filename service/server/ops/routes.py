@@ -39,7 +39,9 @@ async def health(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
                        503: {"model": ServiceStatus, "description": "loading, failed, draining or dead"}})
 async def ready(runtime: Runtime = Depends(get_runtime), trusted: bool = Depends(optional_api_key)) -> JSONResponse:
     ok = await runtime.ready()
-    body: dict[str, Any] = {"status": "ready" if ok else runtime.state, "model_kind": runtime.model_kind}
+    state = "loading" if not ok and runtime.state == "ready" else runtime.state  # the job store is not open yet
+    body: dict[str, Any] = {"status": "ready" if ok else state, "model_kind": runtime.model_kind,
+                            "job_store": runtime.jobs.store.health.state if runtime.jobs is not None else "waiting"}
     if runtime.error and trusted:
         body["error"] = runtime.error
     return JSONResponse(body, status_code=200 if ok else 503)
