@@ -189,6 +189,9 @@ def _fields(doc: dict[str, Any], schema: dict[str, Any], named: dict[str, dict[s
 def _event_table(doc: dict[str, Any], schema: dict[str, Any], named: dict[str, dict[str, Any]]) -> list[str]:
     rows = ["| event | data fields |", "|---|---|"]
     for variant in schema["oneOf"]:
+        if "event" not in variant.get("properties", {}):  # a stream that relays another's events says so
+            rows.append(f"| (relayed) | {_cell(variant.get('description', 'any event of the relayed stream'))} |")
+            continue
         name = variant["properties"]["event"]["const"]
         rows.append(f"| `{name}` | {_cell(_fields(doc, variant['properties']['data']['contentSchema'], named))} |")
     return rows

@@ -13,9 +13,9 @@ import pytest
 
 from service.jobs import JobFailed, JobRetry, JobRow
 from service.prompts import Task
+from service.schema.emu35 import T2IRequest
 from service.server.core.jobs import encode_spec
 from service.server.jobs.executor import ServingExecutor
-from service.schema.emu35 import T2IRequest
 
 
 class FakeServing:
