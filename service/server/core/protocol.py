@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.limits import MAX_PROMPT_CHARS, MAX_TEMPERATURE
+from service.types import MAX_DRAFT_LEN, MAX_WINDOW, MIN_WINDOW, DecodingMode
 
 
 def _not_blank(v: str) -> str:
@@ -46,6 +47,36 @@ class SamplingOverrides(_Strict):
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, strict=True, description="0 = greedy")
 
 
+class DecodingParams(_Strict):
+    """How the images are drawn (the engine must offer the mode: ``/v1/models`` lists them); a missing field
+    is the server's default (``--decoding``, ``--draft-len``, ``--window``), else the engine's."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"mode": "jacobi", "draft_len": 16}]})
+
+    mode: DecodingMode | None = Field(
+        None, description="ar: one token per forward pass; jacobi: speculative Jacobi decoding, draft_len tokens "
+                          "verified per pass (lossless); zipar: row r+1 starts once row r has window tokens "
+                          "(approximate, exact when window ≥ the row width), with draft_len > 1 rows drafted "
+                          "with Jacobi")
+    draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN, strict=True,
+                                  description="jacobi / zipar: draft tokens verified per pass")
+    window: int | None = Field(None, ge=MIN_WINDOW, le=MAX_WINDOW, strict=True,
+                               description="zipar: tokens a row needs before the next row opens")
+
+
+#: The ``decoding`` field of every generation request (Emu3.5's routes, OpenAI's ``extra_body``).
+DECODING_FIELD_DESCRIPTION = ("the decoding schedule of the images (native engine: ar, jacobi, zipar; vllm and "
+                              "reference: ar only); missing fields are the server's defaults")
+
+
+class DecodingData(BaseModel):
+    """The schedule an answer's images were drawn with (unset fields: the engine's defaults)."""
+
+    mode: DecodingMode
+    draft_len: int | None = None
+    window: int | None = None
+
+
 #: The ``webhook`` extension field of every generation request (the ``Webhook`` header is the other way).
 WEBHOOK_FIELD_DESCRIPTION = ("with `Prefer: respond-async`: a URL the finished job is POSTed to, signed as Standard "
                              "Webhooks specifies; its host must be in --webhook-allow-hosts")
@@ -79,6 +110,12 @@ class ModelCard(BaseModel):
     owned_by: str = "emu35-serve"
     model_kind: Literal["emu3.5", "flashar"] = Field(
         "emu3.5", description="emu3.5: every task, autoregressive; flashar: text-to-image in H+W−1 steps")
+    engine: Literal["vllm", "reference", "native", "flashar"] = Field(..., description="the engine serving it")
+    schedules: list[DecodingMode] = Field(
+        ..., description="the decoding modes a request's `decoding.mode` may name (empty: the engine draws with "
+                         "its own schedule, FlashAR's anti-diagonals)")
+    decoding: DecodingData | None = Field(
+        None, description="what a request that names no schedule gets (--decoding; absent when none can be chosen)")
 
 
 class ModelList(BaseModel):

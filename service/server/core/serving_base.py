@@ -27,10 +27,11 @@ from service.server.core.errors import APIError, bad_request
 from service.server.core.image_io import image_bytes_from_text, open_image
 from service.server.core.jobs import JobSink, prefers_async, submit_job
 from service.server.core.limiter import Overloaded, Slot
-from service.server.core.protocol import SamplingOverrides
+from service.server.core.protocol import DecodingParams, SamplingOverrides
 from service.server.core.runtime import Runtime
 from service.server.core.streams import merge_streams
 from service.task import (
+    DecodingChoice,
     EngineUnavailableError,
     Finished,
     GenerationInput,
@@ -88,6 +89,13 @@ def sampling_override(over: SamplingOverrides | None) -> SamplingOverride | None
         return None
     o = SamplingOverride(over.top_k, over.top_p, over.temperature)
     return None if o.empty else o
+
+
+def decoding_choice(params: DecodingParams | None) -> DecodingChoice | None:
+    """The API's ``decoding`` object as the task layer's choice (None: the server's default schedule)."""
+    if params is None:
+        return None
+    return DecodingChoice(params.mode, params.draft_len, params.window)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,15 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from service.prompts import Task
-from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now, sampling_override
+from service.server.core.serving_base import (
+    SSE_PING_SECONDS,
+    Admitted,
+    Job,
+    ServingBase,
+    decoding_choice,
+    now,
+    sampling_override,
+)
 from service.server.emu35.protocol import GenerateRequest, GenerationParams, InterleavedRequest, T2IRequest, X2IRequest
 from service.server.emu35.render import done_event, error_event, generation_body, sse_message
 from service.task import Finished, GenerationInput, GenerationOptions, Outcome, PreviewSchedule
@@ -37,7 +45,8 @@ class ServingGeneration(ServingBase):
         options = GenerationOptions(
             size=params.size_spec(), cfg_scale=params.guidance_scale, max_new_tokens=params.max_new_tokens,
             text=sampling_override(params.text_sampling), image=sampling_override(params.image_sampling),
-            seed=params.seed, image_area=params.image_area, variant=self.variant, uncond_mode=params.uncond_mode)
+            seed=params.seed, image_area=params.image_area, variant=self.variant, uncond_mode=params.uncond_mode,
+            decoding=decoding_choice(params.decoding))
         pictures = await self.decode_images(images, "images")
         return Job(endpoint, [GenerationInput(task, params.prompt, tuple(pictures), options)],
                    stream=wants_stream(params, request),

@@ -11,7 +11,7 @@ from service.server.core.deps import get_runtime, optional_api_key, require_api_
 from service.server.core.errors import APIError
 from service.server.core.metrics import CONTENT_TYPE
 from service.server.core.openapi import error_responses
-from service.server.core.protocol import ModelCard, ModelList, ServiceStatus
+from service.server.core.protocol import DecodingData, ModelCard, ModelList, ServiceStatus
 from service.server.core.records import valid_record_id
 from service.server.core.routing import v1_router
 from service.server.core.runtime import Runtime
@@ -55,8 +55,14 @@ async def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
 
 @v1.get("/models", response_model=ModelList, tags=["openai"])
 async def models(runtime: Runtime = Depends(get_runtime)) -> ModelList:
+    engine = runtime.engine_kind
+    schedules = list(engine.schedules())
+    default = runtime.settings.default_decoding
+    decoding = None if not schedules else DecodingData(mode=schedules[0]) if default is None else DecodingData(
+        mode=default.mode, draft_len=default.draft_len, window=default.window)
     return ModelList(data=[ModelCard(id=runtime.settings.served_model_name, created=int(runtime.started_at),
-                                     model_kind=runtime.model_kind)])
+                                     model_kind=runtime.model_kind, engine=engine.name, schedules=schedules,
+                                     decoding=decoding)])
 
 
 @v1.get("/records/{record_id}", tags=["emu3.5"], summary="a finished generation's .pb record",
