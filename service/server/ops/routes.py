@@ -53,10 +53,11 @@ async def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@v1.get("/models", response_model=ModelList, tags=["openai"])
+@v1.get("/models", response_model=ModelList, response_model_exclude_none=True, tags=["openai"])
 async def models(runtime: Runtime = Depends(get_runtime)) -> ModelList:
     engine = runtime.engine_kind
-    schedules = list(engine.schedules())
+    # the running engine's own word once it is built (the same as its class's while it loads)
+    schedules = list(runtime.runner.schedules if runtime.runner is not None else engine.schedules())
     default = runtime.settings.default_decoding
     decoding = None if not schedules else DecodingData(mode=schedules[0]) if default is None else DecodingData(
         mode=default.mode, draft_len=default.draft_len, window=default.window)
