@@ -15,7 +15,7 @@ CHECK_TOOLS ?= ruff==0.17.6 mypy==2.4.1
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-flashar bench-jobs proto clean
+.PHONY: install install-vllm011 check test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-flashar bench-decoding bench-jobs proto clean
 
 install: $(VENV)/.installed
 
@@ -79,6 +79,10 @@ bench-engine: install
 
 bench-flashar: install
 	VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python bench/flashar.py
+
+# decoding schedules on the native engine: passes, tokens per pass, seconds per image, damage vs ar
+bench-decoding: install
+	$(BIN)/python bench/decoding.py
 
 # durable jobs: the job path's overhead vs the synchronous route, and the PostgreSQL store's claim rate
 bench-jobs: install postgresql
