@@ -106,12 +106,17 @@ def test_a_decoding_flag_the_mode_does_not_take_is_refused(argv, words):
         load_settings(["--demo", *argv])
 
 
-def test_serve_refuses_a_default_schedule_its_engine_lacks(capsys, tiny_dir):
+def test_serve_refuses_a_default_schedule_its_engine_lacks(capsys, tiny_dir, monkeypatch):
     """``--decoding jacobi`` on the vLLM (or reference) engine: exit 2 naming the flag, before loading."""
-    from service.server.run import serve_main
+    import service.server.run as run
     from service.tiny.make import ensure_tiny
 
-    assert serve_main(["--demo", "--engine", "reference", "--decoding", "jacobi"],
+    class NeverServe:
+        def __init__(self, *args, **kwargs) -> None:
+            raise AssertionError("the server started: the schedule was not refused")
+
+    monkeypatch.setattr(run, "DrainingServer", NeverServe)
+    assert run.serve_main(["--demo", "--engine", "reference", "--decoding", "jacobi"],
                       prepare=lambda s: s.with_demo_defaults(ensure_tiny())) == 2
     err = capsys.readouterr().err
     assert "--decoding" in err and "'jacobi' is not a schedule of the reference engine, which offers ar" in err
@@ -242,6 +247,11 @@ def test_decoding_round_trips_on_every_route_and_timings_count_passes(tiny_demo)
         assert r.status_code == 200, r.text
         assert [q.decoding for q in engine.requests[-2:]] == [Decoding("ar")] * 2
 
+        r = await client.post("/v1/images/edits", data={"prompt": "red", "decoding": '{"mode": "zipar", "window": 2}'},
+                              files={"image": ("a.png", base64_png(), "image/png")})
+        assert r.status_code == 200, r.text
+        assert engine.requests[-1].decoding == Decoding("zipar", None, 2)
+
         r = await client.post("/v1/generate", json={"task": "t2i", "prompt": "a fox", "size": SMALL,
                                                      "decoding": {"draft_len": 9}})
         assert r.status_code == 200 and engine.requests[-1].decoding == Decoding("jacobi", 9)
@@ -302,7 +312,7 @@ def test_bad_decoding_is_a_400_naming_the_field_before_any_work(tiny_dir):
                 assert r.json()["error"]["param"] == param, (path, decoding, r.json())
             r = await client.post("/v1/images/edits", data={"prompt": "a", "decoding": json.dumps(decoding)},
                                   files={"image": ("a.png", base64_png(), "image/png")})
-            assert r.status_code == 400
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (decoding, r.text)
         assert engine.requests == []  # nothing reached the engine
         models = (await client.get("/v1/models")).json()["data"][0]
         assert models["schedules"] == ["ar"] and models["decoding"] == {"mode": "ar"} and models["engine"]
