@@ -6,6 +6,7 @@ formulas; ``speculative`` SJD's acceptance rule; ``core`` the batched decoding l
 puts it behind the engine API; ``oracle`` recomputes ZipAR from scratch for the tests.
 """
 
+from service.engine.native.async_engine import AsyncNativeEngine
 from service.engine.native.schedule import DEFAULT_DRAFT_LEN, DEFAULT_WINDOW, Schedule
 
-__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_WINDOW", "Schedule"]
+__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_WINDOW", "AsyncNativeEngine", "Schedule"]
