@@ -133,14 +133,15 @@ async def draw(engine, tok: Emu35Tokenizer, req: GenerationRequest) -> Run:
 
 
 def request(tok: Emu35Tokenizer, task: Task, grid: int, seed: int, decoding: Decoding, refs: list[np.ndarray],
-            greedy: bool, tag: str) -> GenerationRequest:
+            greedy: bool, tag: str, max_model_len: int) -> GenerationRequest:
     from dataclasses import replace
 
     from service.types import SamplingSettings
 
     image = SamplingSettings(1, 1.0, 1.0) if greedy else None
     req = plan_request(tok, task, PROMPTS[task], refs,
-                       GenerationOptions(size=f"{16 * grid}x{16 * grid}", seed=seed, image=image), tag)
+                       GenerationOptions(size=f"{16 * grid}x{16 * grid}", seed=seed, image=image), tag,
+                       max_model_len=max_model_len)
     return replace(req, decoding=decoding)
 
 
@@ -148,18 +149,20 @@ async def measure(args, tok: Emu35Tokenizer, engine, vq, checker) -> dict:
     default_window, default_draft, _ = native_defaults()
     cases = schedules(default_window, default_draft)
     rows: list[dict] = []
-    for task in (Task.T2I, Task.X2I):
+    for task in args.tasks:
         for grid in args.grids:
             ref_im = reference_image(16 * grid)
             refs = vq.encode([ref_im], (16 * grid) ** 2) if (task is Task.X2I and vq is not None) else \
                 [np.full((grid, grid), 7, dtype=np.int64)] if task is Task.X2I else []
-            await draw(engine, tok, request(tok, task, grid, 0, Decoding("ar"), refs, args.greedy, "warmup"))
+            await draw(engine, tok, request(tok, task, grid, 0, Decoding("ar"), refs, args.greedy, "warmup",
+                                                engine.max_model_len))
             ar_codes: dict[int, np.ndarray | None] = {}
             for case in cases:
                 runs = []
                 for seed in range(args.seeds):
                     run = await draw(engine, tok, request(tok, task, grid, seed, case.decoding, refs, args.greedy,
-                                                          f"{task.value}-{grid}-{case.label}-{seed}"))
+                                                          f"{task.value}-{grid}-{case.label}-{seed}",
+                                                          engine.max_model_len))
                     runs.append(run)
                     if case.decoding.mode == "ar":
                         ar_codes[seed] = run.codes
@@ -231,10 +234,12 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per schedule, task and grid")
     ap.add_argument("--grids", default="16,32", help="square grids in tokens")
+    ap.add_argument("--tasks", default="t2i,x2i", help="t2i, x2i or both")
     ap.add_argument("--greedy", action="store_true", help="greedy image tokens (default: the task's sampling)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.grids = [int(g) for g in args.grids.split(",")]
+    args.tasks = [Task(t) for t in args.tasks.split(",")]
 
     try:
         from service.engine.native import AsyncNativeEngine
@@ -257,7 +262,7 @@ def main() -> int:
 
         vq = VisionTokenizer.from_pretrained(vq_dir, device="cpu", dtype="float32")
     checker, where = load_checker()
-    longest = 2 * max(args.grids) * (max(args.grids) + 1) + 1024
+    longest = 2 * max(args.grids) * (max(args.grids) + 1) + 1024  # room for an X2I reference and its answer
     engine = AsyncNativeEngine(model, tok, args.device, args.dtype, longest, 1)
     engine.start()
     sampling = "greedy" if args.greedy else "the task's default image sampling"
