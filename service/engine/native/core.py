@@ -31,6 +31,7 @@ from service.engine.native.visibility import Entry, pass_mask
 from service.engine.policy.rules import (
     PIXELS,
     TEXT,
+    TIE_MARGIN,
     Candidates,
     Guidance,
     RowState,
@@ -514,8 +515,12 @@ class NativeCore:
         return torch.rand(n, generator=gen, device=self.device)
 
     def _noise(self, job: Job, width: int) -> torch.Tensor:
+        """Exp(1) noise for one candidate row of ``job``: its own ``k_cap + TIE_MARGIN`` numbers (the rest
+        1, where the probabilities are 0 anyway), so a seeded request draws the same whatever shares the batch."""
         gen = job.generator if job.generator is not None else self.fallback
-        return torch.empty(1, width, device=self.device).exponential_(generator=gen)
+        noise = torch.ones(1, width, device=self.device)
+        noise[:, :min(job.k_cap + TIE_MARGIN, width)].exponential_(generator=gen)
+        return noise
 
 
 def _add_cell(job: Job, offset: int, width: int, token: int) -> None:
