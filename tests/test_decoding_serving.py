@@ -331,3 +331,20 @@ def base64_png() -> bytes:
 
 
 PNG = __import__("base64").b64encode(base64_png()).decode()
+
+
+def test_an_engine_with_its_own_order_refuses_any_decoding_and_lists_none(tiny_dir):
+    """FlashAR's case: no schedule to choose, so a ``decoding`` object is a 400 naming it, a request
+    without one runs, and /v1/models lists no schedules and no default."""
+    settings = Settings(demo=True).with_demo_defaults(tiny_dir)
+
+    async def scenario(client: httpx.AsyncClient, engine: ScheduleEngine):
+        r = await client.post("/v1/t2i", json={"prompt": "a", "size": SMALL, "decoding": {"mode": "ar"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "decoding"
+        assert engine.requests == []
+        r = await client.post("/v1/t2i", json={"prompt": "a", "size": SMALL})
+        assert r.status_code == 200 and "decoding" not in r.json()["timings"]
+        card = (await client.get("/v1/models")).json()["data"][0]
+        assert card["schedules"] == [] and "decoding" not in card
+
+    serve(settings, scenario, schedules=())
