@@ -9,6 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.engine.native.core import NativeCore, ids_of, run_requests
 from service.engine.native.network import NativeNetwork, load_emu3_weights
@@ -26,6 +28,14 @@ AR, JACOBI = Decoding(), Decoding("jacobi", draft_len=4)
 def net(tiny_dir) -> NativeNetwork:
     config, weights = load_emu3_weights(tiny_dir / "model", torch.float32)
     return NativeNetwork(config, weights, [torch.device("cpu")], torch.float32)
+
+
+@pytest.fixture(scope="module")
+def net64(tiny_dir) -> NativeNetwork:
+    """float64: batched and alone forwards then agree far below float32's resolution, so seeded sampled
+    draws (over the tiny model's almost flat pixel distribution) compare bit for bit, as FlashAR's tests do."""
+    config, weights = load_emu3_weights(tiny_dir / "model", torch.float64)
+    return NativeNetwork(config, weights, [torch.device("cpu")], torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +164,36 @@ def test_zipar_equals_a_full_recompute_oracle_and_its_pass_formula(net, tiny_tok
     assert ids != ar_ids and len(ids) == len(ar_ids)  # approximate: a different image, the same layout
 
 
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 16))
+def test_lanes_cover_the_body_and_zipars_opening_rule_takes_the_formulas_passes(height, width, window):
+    """Lanes partition every body offset except row ends and EOI (jacobi: one lane, row ends inside);
+    simulating ZipAR's opening rule one token per open row per pass gives :func:`zipar_passes`."""
+    from service.engine.native.schedule import body_len, is_row_end, lanes_for, may_open
+
+    zipar = lanes_for(Schedule.of(Decoding("zipar", window=window)), height, width)
+    covered = sorted(o for lane in zipar for o in range(lane.start, lane.end))
+    assert covered == [o for o in range(body_len(height, width)) if not is_row_end(o, width)]
+    (jacobi,) = lanes_for(Schedule.of(Decoding("jacobi")), height, width)
+    assert (jacobi.start, jacobi.end) == (0, body_len(height, width) - 1)
+    passes = 0
+    while not all(lane.done for lane in zipar):
+        opened = [lane for i, lane in enumerate(zipar) if not lane.done
+                  and (lane.next > lane.start or may_open(zipar, i, window))]
+        for lane in opened:
+            lane.next += 1
+        passes += 1
+    assert passes == zipar_passes(height, width, window)
+
+
 def test_zipar_passes_on_the_real_grid():
     assert zipar_passes(55, 73, Schedule.of(Decoding("zipar")).window) + 7 <= 1000
     assert zipar_passes(55, 73, 73) == 55 * 73 and zipar_passes(4, 4, 1) == 7
 
 
 # ---- batches ---------------------------------------------------------------------------------------------
-def test_a_batch_mixing_schedules_and_tasks_gives_each_requests_ids_alone(net, tiny_tokenizer):
-    tok = tiny_tokenizer
-    reqs = [_plan(tok, "t2i", AR, rid="a"), _plan(tok, "howto", JACOBI, uncond="reference", rid="b"),
+def test_a_batch_mixing_schedules_and_tasks_gives_each_requests_ids_alone(net64, tiny_tokenizer):
+    tok, net = tiny_tokenizer, net64
+    reqs = [_plan(tok, "t2i", AR, rid="a"), _plan(tok, "howto", JACOBI, uncond="reference", max_new=50, rid="b"),
             _plan(tok, "x2i", Decoding("zipar", window=2), refs=2, rid="c"),
             _plan(tok, "t2i", Decoding("zipar", draft_len=3, window=2), rid="d"),
             _plan(tok, "t2i", JACOBI, SAMPLED, seed=3, rid="e"),
@@ -172,3 +203,55 @@ def test_a_batch_mixing_schedules_and_tasks_gives_each_requests_ids_alone(net, t
     batched = {k: ids_of(v) for k, v in run_requests(core, reqs, join_every=3).items()}
     assert batched == alone
     assert core.forwards < sum(len(v) for v in alone.values())
+
+
+# ---- devices and the engine API ----------------------------------------------------------------------------
+def test_layers_split_across_devices_give_the_same_ids(net, tiny_dir, tiny_tokenizer):
+    config, weights = load_emu3_weights(tiny_dir / "model", torch.float32)
+    split = NativeNetwork(config, weights, [torch.device("cpu"), torch.device("cpu", 0)], torch.float32)
+    assert split.layers[0].device != split.layers[-1].device  # one run of layers per device
+    req = _plan(tiny_tokenizer, "t2i", Decoding("zipar", draft_len=3, window=2))
+    assert _ids(split, tiny_tokenizer, req) == _ids(net, tiny_tokenizer, req)
+
+
+def test_async_engine_serves_mixed_schedules_together_and_aborts_cleanly(net, tiny_dir, tiny_tokenizer):
+    import asyncio
+
+    from service.engine.native import AsyncNativeEngine
+
+    tok = tiny_tokenizer
+    engine = AsyncNativeEngine(tiny_dir / "model", tok, "cpu", "float32", max_model_len=4096, max_slots=6)
+    assert engine.schedules == ("ar", "jacobi", "zipar")
+    engine.start()
+    reqs = [_plan(tok, "t2i", AR, rid="a"), _plan(tok, "t2i", JACOBI, rid="b"),
+            _plan(tok, "t2i", Decoding("zipar", window=2), rid="c")]
+
+    async def collect(req):
+        engine.check(req)
+        steps, ids = 0, []
+        async for d in engine.generate(req):
+            steps += d.steps
+            ids += d.token_ids
+        return steps, ids
+
+    async def go():
+        together = await asyncio.gather(*(collect(r) for r in reqs))
+        stream = engine.generate(_plan(tok, "howto", JACOBI, rid="cut"))
+        await stream.__anext__()
+        await stream.aclose()  # a client went away: its rows are released
+        for _ in range(100):
+            if engine._core is not None and len(engine._core.free) == 6:
+                break
+            await asyncio.sleep(0.05)
+        return together
+
+    try:
+        together = asyncio.run(go())
+        assert engine.stats().peak_running_sequences == 6  # three guided requests, one forward
+        assert engine._core is not None and len(engine._core.free) == 6
+    finally:
+        engine.shutdown()
+    for req, (steps, ids) in zip(reqs, together):
+        want, passes = _ids(net, tok, req)
+        assert ids == want and steps == passes
+    assert together[1][0] < together[0][0] and together[2][0] < together[0][0]

@@ -109,7 +109,7 @@ class _Feed:
     """Where a job's queries landed in the step's logits: per row, the flat query indices."""
 
     job: Job
-    queries: list[list[int]]
+    queries: list[list[tuple[int, int]]]
     lanes: list[tuple[Lane, int]] = field(default_factory=list)  # (lane, drafts fed) in query order
 
 
@@ -270,7 +270,11 @@ class NativeCore:
         if not feeds:
             return
         dev = self.device
-        rows, cond_rows, uncond_rows, scales, gens, draws, owner, in_image = [], [], [], [], [], [], [], []
+        rows: list[torch.Tensor] = []
+        cond_rows, uncond_rows, owner, draws = list[int](), list[int](), list[int](), list[int]()
+        scales: list[float] = []
+        gens: list[torch.Generator | None] = []
+        in_image: list[bool] = []
         for i, f in enumerate(feeds):
             cond = logits[f.queries[0][-1]]
             cond_rows.append(len(rows))
@@ -356,7 +360,9 @@ class NativeCore:
             return
         dev = self.device
         # every lane query's cond (and uncond) logits, the policy state of the offset it predicts
-        rows, cond_rows, uncond_rows, scales, offsets, owner = [], [], [], [], [], []
+        rows: list[torch.Tensor] = []
+        cond_rows, uncond_rows, offsets, owner = list[int](), list[int](), list[int](), list[int]()
+        scales: list[float] = []
         lane_queries: list[list[int]] = []  # per (feed, lane): indices into the cond candidates
         n_cond = 0
         for fi, f in enumerate(feeds):
@@ -400,7 +406,7 @@ class NativeCore:
 
         # 1. acceptance of every draft fed (draft j of a lane is verified by the lane's query j)
         lanes = [(f, lane, m) for f in feeds for lane, m in f.lanes]
-        verify, tokens, q_d, proposals, draft_owner = [], [], [], [], []
+        verify, tokens, proposals, draft_owner = [], [], [], []
         for (f, lane, m), mine in zip(lanes, lane_queries):
             for j in range(m):
                 verify.append(mine[j])
@@ -417,7 +423,7 @@ class NativeCore:
         new_src: list[tuple[int, int | None]] = []  # (candidate row, index into proposals for a residual)
         at = 0
         accepted_n = []
-        for (f, lane, m), mine in zip(lanes, lane_queries):
+        for (_, _, m), mine in zip(lanes, lane_queries):
             a = 0
             while a < m and kept[at + a]:
                 a += 1
@@ -430,25 +436,24 @@ class NativeCore:
         new_c = p.rows(base_rows)
         rejected = [i for i, (_, r) in enumerate(new_src) if r is not None]
         if rejected:
-            res = residual(p.rows(base_rows[rejected]), _stack_candidates([proposals[new_src[i][1]] for i in rejected], dev),
-                           vocab)
+            res = residual(p.rows(base_rows[rejected]),
+                           _stack_candidates([proposals[int(new_src[i][1] or 0)] for i in rejected], dev), vocab)
             probs = new_c.probs.clone()
             probs[rejected] = res.probs
             new_c = Candidates(probs, new_c.ids)
-        draft_rows, draft_fixed = [], []  # per lane: candidate rows of the next drafts
+        draft_rows: list[list[int]] = []  # per lane: candidate rows of the next drafts (-1: a forced row end)
         for (f, lane, m), mine, a in zip(lanes, lane_queries, accepted_n):
-            nxt = lane.next + a + 1
+            nxt, width = lane.next + a + 1, _width(f.job)
             want = max(0, min(f.job.schedule.draft_len - 1, lane.end - nxt))
-            tail = [mine[j] for j in range(m + 1) if not is_row_end(lane.next + j, f.job.image.width)]
+            tail = [mine[j] for j in range(m + 1) if not is_row_end(lane.next + j, width)]
             src = []
             for d in range(want):
                 off, j = nxt + d, a + 1 + d
-                if is_row_end(off, f.job.image.width):
+                if is_row_end(off, width):
                     src.append(-1)  # forced: the row end itself
                 else:
                     src.append(mine[j] if j <= m else (tail[-1] if tail else mine[m]))
             draft_rows.append(src)
-            draft_fixed.append(nxt)
         flat_src = [s for src in draft_rows for s in src if s >= 0]
         sources = Candidates(torch.cat([new_c.probs] + ([p.probs[flat_src]] if flat_src else [])),
                              torch.cat([new_c.ids] + ([p.ids[flat_src]] if flat_src else [])))
@@ -458,7 +463,7 @@ class NativeCore:
         # 4. host bookkeeping: bodies, cache entries that stay, next drafts, streaming
         eol = self.tok.ids.eol
         k = len(lanes)
-        for li, ((f, lane, m), a) in enumerate(zip(lanes, accepted_n)):
+        for li, ((f, lane, _), a) in enumerate(zip(lanes, accepted_n)):
             job, image = f.job, f.job.image
             assert image is not None
             for j in range(a):
@@ -521,6 +526,11 @@ class NativeCore:
         noise = torch.ones(1, width, device=self.device)
         noise[:, :min(job.k_cap + TIE_MARGIN, width)].exponential_(generator=gen)
         return noise
+
+
+def _width(job: Job) -> int:
+    assert job.image is not None
+    return job.image.width
 
 
 def _add_cell(job: Job, offset: int, width: int, token: int) -> None:

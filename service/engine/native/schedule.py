@@ -18,13 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from service.types import Decoding
+from service.types import DEFAULT_DRAFT_LEN, DEFAULT_WINDOW, Decoding
 
-#: SJD's window: the authors' Emu3 scheduler verifies 16 new tokens per pass (``max_num_new_tokens``).
-DEFAULT_DRAFT_LEN = 16
-#: ZipAR's window: row r+1 opens once row r has this many tokens. 16 keeps the real 55×73 grid under
-#: 1,000 passes ((55−1)·16 + 73 = 937) while the row above stays 16 tokens (a fifth of a row) ahead.
-DEFAULT_WINDOW = 16
+__all__ = ["DEFAULT_DRAFT_LEN", "DEFAULT_WINDOW", "Lane", "Schedule"]
 
 
 @dataclass(frozen=True)
@@ -37,9 +33,8 @@ class Schedule:
 
     @classmethod
     def of(cls, decoding: Decoding) -> "Schedule":
-        draft = decoding.draft_len if decoding.draft_len is not None else (
-            DEFAULT_DRAFT_LEN if decoding.mode == "jacobi" else 1)
-        return cls(decoding.mode, draft, decoding.window if decoding.window is not None else DEFAULT_WINDOW)
+        full = decoding.resolved()
+        return cls(full.mode, full.draft_len or 1, full.window or DEFAULT_WINDOW)
 
 
 def body_len(height: int, width: int) -> int:
