@@ -265,7 +265,7 @@ def test_decoding_round_trips_on_every_route_and_timings_count_passes(tiny_demo)
         assert names[0] == "image_start" and names[-2:] == ["image", "done"]
         assert [d["rows"] for n, d in events if n == "image_progress"] == [1, 2, 3, 4]
         assert sum(1 for n, d in events if n == "image_progress" and "b64_json" in d) == 3
-        assert events[-1][1]["timings"]["decoding"] == {"mode": "zipar", "window": 2}
+        assert events[-1][1]["timings"]["decoding"] == {"mode": "zipar", "draft_len": 1, "window": 2}
         assert events[-1][1]["timings"]["tokens_per_pass"] > 1
 
         models = (await client.get("/v1/models")).json()["data"][0]

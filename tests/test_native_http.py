@@ -50,7 +50,7 @@ def png_b64() -> str:
 def test_models_list_the_native_schedules_and_the_server_default(http):
     (card,) = http.get("/v1/models").json()["data"]
     assert card["engine"] == "native" and card["schedules"] == ["ar", "jacobi", "zipar"]
-    assert card["decoding"] == {"mode": "jacobi"}
+    assert card["decoding"] == {"mode": "jacobi", "draft_len": 16}
 
 
 def test_greedy_jacobi_and_a_whole_row_window_draw_ars_image_in_fewer_passes(http):

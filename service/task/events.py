@@ -89,7 +89,7 @@ class Outcome:
     image_seconds: list[float] = field(default_factory=list)
     #: forward passes whose logits chose this answer's tokens (AR: one per token; FlashAR: H+W−1 per image)
     decode_steps: int = 0
-    #: the schedule the images were drawn with (None: the engine's own, which a request cannot choose)
+    #: the schedule the images were drawn with, defaults filled in (None: the engine's own, not chosen)
     decoding: Decoding | None = None
 
     @property

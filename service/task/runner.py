@@ -316,7 +316,7 @@ class GenerationRunner:
                                         req.request_id)
         return Outcome(req.request_id, gen.task, answer.images, answer.pngs, answer.parts, "".join(answer.text),
                        story.SerializeToString(), usage, run.reason, run.ttft, time.perf_counter() - run.started,
-                       run.image_seconds, run.decode_steps, req.decoding if self.schedules else None)
+                       run.image_seconds, run.decode_steps, req.decoding.resolved() if self.schedules else None)
 
 
 #: Grey of the cells a partial image has not drawn yet (the VQ's zero point, as the OpenAI partials use).

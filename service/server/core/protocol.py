@@ -70,7 +70,7 @@ DECODING_FIELD_DESCRIPTION = ("the decoding schedule of the images (native engin
 
 
 class DecodingData(BaseModel):
-    """The schedule an answer's images were drawn with (unset fields: the engine's defaults)."""
+    """A schedule with its defaults filled in (what drew an answer's images, what a request gets by default)."""
 
     mode: DecodingMode
     draft_len: int | None = None

@@ -153,7 +153,8 @@ class Timings(BaseModel):
         None, description="completion tokens per decode step: 1 for one token per pass, more under jacobi, zipar and "
                           "FlashAR (absent when nothing was generated)")
     decoding: DecodingData | None = Field(
-        None, description="the schedule the images were drawn with (absent on an engine that offers none to choose)")
+        None, description="the schedule the images were drawn with, the engine's defaults filled in (absent on an "
+                          "engine that offers none to choose)")
 
 
 class GenerationResponse(BaseModel):

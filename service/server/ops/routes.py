@@ -15,6 +15,7 @@ from service.server.core.protocol import DecodingData, ModelCard, ModelList, Ser
 from service.server.core.records import valid_record_id
 from service.server.core.routing import v1_router
 from service.server.core.runtime import Runtime
+from service.types import Decoding
 
 router = APIRouter(tags=["operations"])
 v1 = v1_router()
@@ -59,8 +60,11 @@ async def models(runtime: Runtime = Depends(get_runtime)) -> ModelList:
     # the running engine's own word once it is built (the same as its class's while it loads)
     schedules = list(runtime.runner.schedules if runtime.runner is not None else engine.schedules())
     default = runtime.settings.default_decoding
-    decoding = None if not schedules else DecodingData(mode=schedules[0]) if default is None else DecodingData(
-        mode=default.mode, draft_len=default.draft_len, window=default.window)
+    if default is None and schedules:
+        default = Decoding(schedules[0])  # type: ignore[arg-type]
+    default = default.resolved() if default is not None and schedules else None
+    decoding = None if default is None else DecodingData(mode=default.mode, draft_len=default.draft_len,
+                                                         window=default.window)
     return ModelList(data=[ModelCard(id=runtime.settings.served_model_name, created=int(runtime.started_at),
                                      model_kind=runtime.model_kind, engine=engine.name, schedules=schedules,
                                      decoding=decoding)])
