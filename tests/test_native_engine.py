@@ -193,9 +193,10 @@ def test_zipar_passes_on_the_real_grid():
 # ---- batches ---------------------------------------------------------------------------------------------
 def test_a_batch_mixing_schedules_and_tasks_gives_each_requests_ids_alone(net64, tiny_tokenizer):
     tok, net = tiny_tokenizer, net64
-    reqs = [_plan(tok, "t2i", AR, rid="a"), _plan(tok, "howto", JACOBI, uncond="reference", max_new=50, rid="b"),
-            _plan(tok, "x2i", Decoding("zipar", window=2), refs=2, rid="c"),
-            _plan(tok, "t2i", Decoding("zipar", draft_len=3, window=2), rid="d"),
+    wide = SamplingSettings(8000, 1.0, 1.0)  # a larger top-k than the others': the batch's window grows
+    reqs = [_plan(tok, "t2i", AR, wide, seed=2, rid="a"), _plan(tok, "howto", JACOBI, uncond="reference", max_new=50, rid="b"),
+            _plan(tok, "x2i", Decoding("zipar", window=2), wide, seed=5, refs=2, rid="c"),
+            _plan(tok, "t2i", Decoding("zipar", draft_len=3, window=2), wide, seed=6, rid="d"),
             _plan(tok, "t2i", JACOBI, SAMPLED, seed=3, rid="e"),
             _plan(tok, "story", Decoding("zipar", window=3), SAMPLED, seed=4, max_new=40, rid="f")]
     alone = {r.request_id: _ids(net, tok, r)[0] for r in reqs}
