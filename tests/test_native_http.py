@@ -118,3 +118,20 @@ def test_openai_partial_images_under_a_schedule_in_extra_body(http):
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
     r = http.post("/v1/images/generations", json={**req, "stream": False, "decoding": {"mode": "ar", "window": 2}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "decoding.window"
+
+
+def test_a_job_carries_its_schedule_and_a_bad_one_is_refused_before_it_is_stored(http):
+    import time
+
+    prefer = {"Prefer": "respond-async"}
+    bad = http.post("/v1/t2i", headers=prefer, json={"prompt": "a", "decoding": {"mode": "ar", "window": 3}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "decoding.window"
+    r = http.post("/v1/t2i", headers=prefer, json={"prompt": "a red circle", "size": SIZE, "seed": 5,
+                                                   "decoding": {"mode": "zipar", "window": 2}})
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 60
+    while (job := http.get(r.headers["Location"]).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["timings"]["decoding"] == {"mode": "zipar", "draft_len": 1, "window": 2}
