@@ -18,7 +18,7 @@ DOCS_TOOLS ?= mkdocs==1.6.1 mkdocs-material==9.8.1 pymdown-extensions==13.1.2
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm011 check docs docs-pages test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-flashar bench-jobs proto clean
+.PHONY: install install-vllm011 check docs docs-pages test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-flashar bench-decoding bench-jobs proto clean
 
 install: $(VENV)/.installed
 
@@ -98,6 +98,10 @@ bench-engine: install
 
 bench-flashar: install
 	VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python bench/flashar.py
+
+# decoding schedules on the native engine: passes, tokens per pass, seconds per image, damage vs ar
+bench-decoding: install
+	$(BIN)/python bench/decoding.py
 
 # durable jobs: the job path's overhead vs the synchronous route, and the PostgreSQL store's claim rate
 bench-jobs: install postgresql

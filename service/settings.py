@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.limits import MAX_IMAGE_AREA, MIN_IMAGE_AREA
 from service.prompts import ModelVariant
+from service.types import MAX_DRAFT_LEN, MAX_WINDOW, MIN_WINDOW, Decoding, DecodingMode
 
 ENV_PREFIX = "EMU35_"
 #: Image area (px) every task uses in ``--demo`` unless set: a 13×18-token T2I image, seconds on a CPU.
@@ -67,8 +68,20 @@ class Settings(BaseSettings):
     served_model_name: str = Field("emu3.5", min_length=1, description="model id in /v1/models and OpenAI APIs")
 
     # ---- engine -----------------------------------------------------------------------------------
-    engine: Literal["auto", "vllm", "reference"] = Field(
-        "auto", description="vllm (default when installed) or the reference engine (transformers)")
+    engine: Literal["auto", "vllm", "reference", "native"] = Field(
+        "auto", description="vllm (default when installed: throughput, one token per pass), native (the latency of "
+                            "one image: fewer passes per image with --decoding jacobi or zipar) or reference "
+                            "(transformers, one request at a time); a FlashAR checkpoint gets its own engine")
+    decoding: DecodingMode | None = Field(
+        None, description="the decoding schedule a request gets when it names none: ar (one token per pass), jacobi "
+                          "(speculative Jacobi, lossless) or zipar (rows in parallel, approximate); the engine must "
+                          "offer it (vllm and reference: ar only); default: ar")
+    draft_len: int | None = Field(
+        None, ge=1, le=MAX_DRAFT_LEN, description="with --decoding jacobi or zipar: draft tokens verified per pass "
+                                                  "(default: the engine's)")
+    window: int | None = Field(
+        None, ge=MIN_WINDOW, le=MAX_WINDOW, description="with --decoding zipar: tokens a row needs before the next "
+                                                        "one opens (default: the engine's)")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size (NPUs/GPUs)")
     device: str = Field("auto", description="reference/FlashAR engine device: cpu, cuda:N, npu:N (auto: best present); "
                                             "FlashAR also takes a list, npu:0,npu:1, and splits its layers across it")
@@ -155,6 +168,9 @@ class Settings(BaseSettings):
             raise ValueError("set --model (EMU35_MODEL) and --vq-model, or run with --demo")
         if not self.demo and self.vq_model is None:
             raise ValueError("set --vq-model (EMU35_VQ_MODEL) to the IBQ vision tokenizer folder")
+        if self.decoding is None and (self.draft_len is not None or self.window is not None):
+            raise ValueError("--draft-len and --window refine --decoding: set --decoding jacobi or zipar too")
+        self.default_decoding  # noqa: B018 - raises, naming the flag, for a combination the mode does not take
         return self
 
     # ---- derived ----------------------------------------------------------------------------------
@@ -183,7 +199,18 @@ class Settings(BaseSettings):
         return ModelVariant(self.model_variant)
 
     @property
-    def engine_kind(self) -> Literal["vllm", "reference"]:
+    def default_decoding(self) -> Decoding | None:
+        """``--decoding`` with ``--draft-len`` / ``--window`` (None: the engine's first schedule, ``ar``)."""
+        if self.decoding is None:
+            return None
+        try:
+            return Decoding(self.decoding, self.draft_len, self.window)
+        except ValueError as exc:  # e.g. --window with --decoding jacobi
+            raise ValueError(str(exc).replace("decoding.draft_len", "--draft-len").replace("decoding.window",
+                                                                                       "--window")) from None
+
+    @property
+    def engine_kind(self) -> Literal["vllm", "reference", "native"]:
         if self.engine == "auto":
             return "vllm" if vllm_available() else "reference"
         return self.engine

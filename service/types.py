@@ -72,6 +72,13 @@ DECODING_MODES: tuple[str, ...] = get_args(DecodingMode)
 MAX_DRAFT_LEN = 64
 MIN_WINDOW = 1
 MAX_WINDOW = 4096
+#: ``jacobi``'s default window: SJD's Emu3 scheduler verifies 16 new tokens per pass (its code's
+#: ``max_num_new_tokens``). ``zipar`` defaults to 1 (plain ZipAR, no drafts).
+DEFAULT_DRAFT_LEN = 16
+#: ``zipar``'s default window: row r+1 opens once row r has 16 tokens. It keeps the real 55×73 grid under
+#: 1,000 passes (7 + 54·16 + 73 = 944) with the row above a fifth of a row ahead; ZipAR's own runs use
+#: windows of this order, smaller ones being faster and further from AR.
+DEFAULT_WINDOW = 16
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,14 @@ class Decoding:
                 raise ValueError(f"decoding.window must be an int in [{MIN_WINDOW}, {MAX_WINDOW}], got {self.window!r}")
             if self.mode != "zipar":
                 raise ValueError("decoding.window applies to the zipar mode only")
+
+    def resolved(self) -> "Decoding":
+        """The same schedule with the defaults of its mode filled in (``ar`` has no fields)."""
+        if self.mode == "jacobi":
+            return Decoding("jacobi", self.draft_len or DEFAULT_DRAFT_LEN)
+        if self.mode == "zipar":
+            return Decoding("zipar", self.draft_len or 1, self.window or DEFAULT_WINDOW)
+        return self
 
 
 @dataclass(frozen=True)

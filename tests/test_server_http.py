@@ -467,6 +467,19 @@ def test_health_and_ready_need_no_key(server):
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
 
 
+
+def test_the_autoregressive_engines_offer_ar_only_and_refuse_jacobi_naming_the_field(http):
+    """``jacobi`` on the vLLM engine (the reference engine without vLLM): a 400 naming ``decoding.mode``,
+    before any work; ``ar`` named explicitly runs; /v1/models says so."""
+    (card,) = http.get("/v1/models").json()["data"]
+    assert card["engine"] in ("vllm", "reference") and card["schedules"] == ["ar"]
+    assert card["decoding"] == {"mode": "ar"}
+    r = http.post("/v1/t2i", json={"prompt": "a", "size": SMALL, "decoding": {"mode": "jacobi"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "decoding.mode"
+    assert f"not offered by the {card['engine']} engine" in r.json()["error"]["message"]
+    r = http.post("/v1/t2i", json={"prompt": "a", "size": SMALL, "seed": 1, "decoding": {"mode": "ar"}})
+    assert r.status_code == 200 and r.json()["timings"]["tokens_per_pass"] == 1.0
+
 # ---- disconnects and load -----------------------------------------------------------------------------
 
 

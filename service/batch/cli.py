@@ -198,7 +198,7 @@ def generate_main(argv: list[str], prepare: Callable[[Settings], Settings] | Non
         try:
             check_model(settings)
         except CheckpointError as exc:
-            return _error("--model", str(exc))
+            return _error(getattr(exc, "flag", "--model"), str(exc))
         try:
             asyncio.run(_generate(settings, todo, out_dir, summary, args.quiet, plan))
         except (KeyboardInterrupt, asyncio.CancelledError):

@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError
 
 from service.batch.items import Item, ItemError, check_image_paths, check_name
 from service.batch.job import BatchJob, InputError
-from service.schema.common import sampling_override
+from service.schema.common import decoding_choice, sampling_override
 from service.schema.emu35 import GenerateRequest
 from service.task import GenerationOptions
 
@@ -40,7 +40,8 @@ def _options(line: BatchLine) -> GenerationOptions:
     return GenerationOptions(
         size=line.size_spec(), cfg_scale=line.guidance_scale, max_new_tokens=line.max_new_tokens,
         text=sampling_override(line.text_sampling), image=sampling_override(line.image_sampling),
-        seed=line.seed, image_area=line.image_area, uncond_mode=line.uncond_mode)
+        seed=line.seed, image_area=line.image_area, uncond_mode=line.uncond_mode,
+        decoding=decoding_choice(line.decoding))
 
 
 def parse_line(text: str, default_name: str, base: Path) -> Item | ItemError:

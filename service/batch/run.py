@@ -31,7 +31,9 @@ from service.task import (
     Outcome,
     PlanError,
     build_engine,
+    engine_name,
     load_tokenizer,
+    model_kind,
     start_vq_worker,
 )
 from service.task.resources import ResourceSettings
@@ -196,7 +198,8 @@ async def started_runner(settings: ResourceSettings, image_area: int | None = No
     try:
         await asyncio.to_thread(engine.start)
         await engine.self_check()
-        yield GenerationRunner(engine, vq, tokenizer, image_area=image_area)
+        yield GenerationRunner(engine, vq, tokenizer, image_area=image_area, kind=model_kind(settings),
+                               decoding=settings.default_decoding, engine_name=engine_name(settings))
     finally:
         try:
             engine.shutdown()

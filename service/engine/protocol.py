@@ -45,7 +45,13 @@ def check_fits(req: GenerationRequest, max_model_len: int) -> list[list[int]]:
 
 
 class AsyncEngine(Protocol):
-    """The engine API the service holds for its whole life."""
+    """The engine API the service holds for its whole life.
+
+    ``schedules`` names the decoding modes (:data:`service.types.DECODING_MODES`) the engine honours in
+    ``GenerationRequest.decoding``, the first being its default; the task layer refuses any other with a
+    400 before any work. An engine that draws in an order of its own (FlashAR) offers none."""
+
+    schedules: tuple[str, ...]
 
     @property
     def max_model_len(self) -> int: ...

@@ -120,6 +120,10 @@ class _StatsSink:
 class VllmEngine:
     """Async Emu3.5 engine over vLLM's ``AsyncLLM``. Call :meth:`start` before use, :meth:`shutdown` after."""
 
+    #: decoding schedules offered: one token per pass: stock vLLM has no hook for drafts verified in one pass or for
+    #: positions out of raster order
+    schedules: tuple[str, ...] = ("ar",)
+
     def __init__(self, config: VllmEngineConfig, tokenizer: Emu35Tokenizer) -> None:
         self.config = config
         self.tokenizer = tokenizer  # the service's own: PAD (a failed pair) and the self-check's ids

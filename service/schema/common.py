@@ -10,7 +10,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.limits import MAX_PROMPT_CHARS, MAX_TEMPERATURE
-from service.types import SamplingOverride
+from service.task.planner import DecodingChoice
+from service.types import MAX_DRAFT_LEN, MAX_WINDOW, MIN_WINDOW, DecodingMode, SamplingOverride
 
 
 def _not_blank(v: str) -> str:
@@ -53,6 +54,34 @@ def sampling_override(over: SamplingOverrides | None) -> SamplingOverride | None
         return None
     o = SamplingOverride(over.top_k, over.top_p, over.temperature)
     return None if o.empty else o
+class DecodingParams(_Strict):
+    """How the images are drawn (the engine must offer the mode: ``/v1/models`` lists them); a missing field
+    is the server's default (``--decoding``, ``--draft-len``, ``--window``), else the engine's."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"mode": "jacobi", "draft_len": 16}]})
+
+    mode: DecodingMode | None = Field(
+        None, description="ar: one token per forward pass; jacobi: speculative Jacobi decoding, draft_len tokens "
+                          "verified per pass (lossless); zipar: row r+1 starts once row r has window tokens "
+                          "(approximate, exact when window ≥ the row width), with draft_len > 1 rows drafted "
+                          "with Jacobi")
+    draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN, strict=True,
+                                  description="jacobi / zipar: draft tokens verified per pass")
+    window: int | None = Field(None, ge=MIN_WINDOW, le=MAX_WINDOW, strict=True,
+                               description="zipar: tokens a row needs before the next row opens")
+
+
+#: The ``decoding`` field of every generation request (Emu3.5's routes, OpenAI's ``extra_body``).
+DECODING_FIELD_DESCRIPTION = ("the decoding schedule of the images (native engine: ar, jacobi, zipar; vllm and "
+                              "reference: ar only); missing fields are the server's defaults")
+
+
+class DecodingData(BaseModel):
+    """A schedule with its defaults filled in (what drew an answer's images, what a request gets by default)."""
+
+    mode: DecodingMode
+    draft_len: int | None = None
+    window: int | None = None
 
 
 #: The ``webhook`` extension field of every generation request (the ``Webhook`` header is the other way).
@@ -91,8 +120,21 @@ class ModelCard(BaseModel):
     owned_by: str = "emu35-serve"
     model_kind: Literal["emu3.5", "flashar"] = Field(
         "emu3.5", description="emu3.5: every task, autoregressive; flashar: text-to-image in H+W−1 steps")
+    engine: Literal["vllm", "reference", "native", "flashar"] = Field(..., description="the engine serving it")
+    schedules: list[DecodingMode] = Field(
+        ..., description="the decoding modes a request's `decoding.mode` may name (empty: the engine draws with "
+                         "its own schedule, FlashAR's anti-diagonals)")
+    decoding: DecodingData | None = Field(
+        None, description="what a request that names no schedule gets (--decoding; absent when none can be chosen)")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def decoding_choice(params: DecodingParams | None) -> DecodingChoice | None:
+    """The API's ``decoding`` object as the task layer's choice (None: the server's default schedule)."""
+    if params is None:
+        return None
+    return DecodingChoice(params.mode, params.draft_len, params.window)

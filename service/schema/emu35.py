@@ -24,8 +24,11 @@ from service.limits import (
 )
 from service.prompts import ASPECT_RATIOS, Task
 from service.schema.common import (
+    DECODING_FIELD_DESCRIPTION,
     EXAMPLE_PNG,
     WEBHOOK_FIELD_DESCRIPTION,
+    DecodingData,
+    DecodingParams,
     Prompt,
     SamplingOverrides,
     _examples,
@@ -56,6 +59,7 @@ class GenerationParams(_Strict):
         "lockstep", description="what the guidance (unconditional) branch sees: 'lockstep' every generated "
                                 "token, as the release's vLLM path; 'reference' only the generated images, as "
                                 "its transformers path. The same for T2I/X2I; interleaved answers differ")
+    decoding: DecodingParams | None = Field(None, description=DECODING_FIELD_DESCRIPTION)
     stream: bool = Field(False, strict=True, description="answer as server-sent events")
     preview_every_rows: int | None = Field(
         None, ge=1, strict=True, description="when streaming, attach a decoded preview every N rows of an image "
@@ -146,6 +150,12 @@ class Timings(BaseModel):
     decode_steps: int = Field(0, description="forward passes whose logits chose this answer's tokens (the prefill "
                                              "counted when it chose the first): one per token on the "
                                              "autoregressive engines, H+W−1 per H×W image on FlashAR")
+    tokens_per_pass: float | None = Field(
+        None, description="completion tokens per decode step: 1 for one token per pass, more under jacobi, zipar and "
+                          "FlashAR (absent when nothing was generated)")
+    decoding: DecodingData | None = Field(
+        None, description="the schedule the images were drawn with, the engine's defaults filled in (absent on an "
+                          "engine that offers none to choose)")
 
 
 class GenerationResponse(BaseModel):

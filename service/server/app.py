@@ -37,7 +37,7 @@ from service.server.ops.playground import router as playground
 from service.server.ops.routes import router as operations
 from service.server.ops.routes import v1 as operations_v1
 from service.settings import Settings
-from service.task import model_kind
+from service.task import engine_name
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def describe(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json", exclude={"api_key"})
     data["api_key"] = "set" if settings.api_key else None
     data["job_store"] = redact_store_url(settings.job_store)  # its password is no business of a log
-    data["engine"] = "flashar" if model_kind(settings) == "flashar" else settings.engine_kind
+    data["engine"] = engine_name(settings)
     data["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return data
 

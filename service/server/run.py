@@ -59,7 +59,7 @@ def serve(settings: Settings) -> int:
     try:
         check_model(settings)
     except CheckpointError as exc:
-        print(f"emu35-serve: --model: {exc}", file=sys.stderr)
+        print(f"emu35-serve: {getattr(exc, 'flag', '--model')}: {exc}", file=sys.stderr)
         return 2
     logger.info("settings: %s", json.dumps(describe(settings)))
     try:

@@ -18,15 +18,28 @@ from service.task.events import (
     TextOut,
     Usage,
 )
-from service.task.planner import GenerationOptions, Plan, PlanError, build_request, plan_request, resolve
+from service.task.planner import (
+    DecodingChoice,
+    GenerationOptions,
+    Plan,
+    PlanError,
+    build_request,
+    plan_request,
+    resolve,
+    resolve_decoding,
+)
 from service.task.previews import PreviewSchedule
 from service.task.resources import (
     CheckpointError,
+    EngineKind,
+    SettingError,
     build_engine,
     check_model,
     cpu_default_dtype,
+    engine_name,
     load_tokenizer,
     model_kind,
+    serving_engine,
     start_vq_worker,
 )
 from service.task.runner import AnswerBuilder, GenerationInput, GenerationRunner, ImageCodecAsync, Prepared
@@ -38,8 +51,10 @@ __all__ = [
     "AnswerPart",
     "AsyncEngine",
     "CheckpointError",
+    "DecodingChoice",
     "Emu35Tokenizer",
     "EngineError",
+    "EngineKind",
     "EngineUnavailableError",
     "EngineStats",
     "Finished",
@@ -59,16 +74,20 @@ __all__ = [
     "RunEvent",
     "SamplingOverride",
     "SamplingSettings",
+    "SettingError",
     "TextOut",
     "Usage",
     "build_engine",
     "build_request",
     "check_model",
     "cpu_default_dtype",
+    "engine_name",
     "load_tokenizer",
     "model_kind",
     "plan_request",
     "quiet_engine_logs",
     "resolve",
+    "resolve_decoding",
+    "serving_engine",
     "start_vq_worker",
 ]

@@ -13,6 +13,7 @@ from typing import Literal
 from PIL import Image
 
 from service.prompts import Task
+from service.types import Decoding
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,15 @@ class Outcome:
     image_seconds: list[float] = field(default_factory=list)
     #: forward passes whose logits chose this answer's tokens (AR: one per token; FlashAR: H+W−1 per image)
     decode_steps: int = 0
+    #: the schedule the images were drawn with, defaults filled in (None: the engine's own, not chosen)
+    decoding: Decoding | None = None
+
+    @property
+    def tokens_per_pass(self) -> float | None:
+        """Completion tokens per decode step (1.0 for one token per pass), None before any step."""
+        if self.decode_steps <= 0:
+            return None
+        return round(self.usage.completion_tokens / self.decode_steps, 3)
 
 
 @dataclass(frozen=True)

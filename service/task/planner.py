@@ -29,7 +29,14 @@ from service.prompts import (
     resolve_target_grid,
 )
 from service.tokenizer import Emu35Tokenizer
-from service.types import GenerationRequest, SamplingOverride, SamplingSettings, UncondMode
+from service.types import (
+    DECODING_MODES,
+    Decoding,
+    GenerationRequest,
+    SamplingOverride,
+    SamplingSettings,
+    UncondMode,
+)
 from service.vq.resize import reference_image_size
 
 
@@ -40,6 +47,46 @@ class PlanError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class DecodingChoice:
+    """A client's ``decoding`` object: a missing mode is the server's default (``--decoding``), a missing
+    ``draft_len`` / ``window`` the server's for that mode, else the engine's."""
+
+    mode: str | None = None
+    draft_len: int | None = None
+    window: int | None = None
+
+
+def resolve_decoding(choice: DecodingChoice | None, default: Decoding | None, schedules: tuple[str, ...],
+                     engine: str = "serving") -> Decoding:
+    """The schedule a request's images are drawn with, or a :class:`PlanError` naming the field.
+
+    ``default`` is the server's (``--decoding``; None: the engine's first schedule, ``ar``), ``schedules``
+    what the engine offers. An engine that offers none (FlashAR: its own anti-diagonal order) refuses a
+    request that names a schedule and ignores the ``ar`` it is given otherwise."""
+    if not schedules:
+        if choice is not None:
+            raise PlanError(f"the {engine} engine draws with its own schedule; a request cannot choose one",
+                            "decoding")
+        return Decoding()
+    base = default if default is not None else Decoding(schedules[0])  # type: ignore[arg-type]
+    mode = base.mode if choice is None or choice.mode is None else choice.mode
+    if mode not in DECODING_MODES:
+        raise PlanError(f"decoding.mode must be one of {', '.join(DECODING_MODES)}, got {mode!r}", "decoding.mode")
+    if mode not in schedules:
+        raise PlanError(f"decoding.mode {mode!r} is not offered by the {engine} engine, which offers "
+                        f"{', '.join(schedules)}", "decoding.mode")
+    inherit = mode == base.mode  # the server's draft_len / window belong to its own mode
+    draft_len = choice.draft_len if choice is not None and choice.draft_len is not None else \
+        (base.draft_len if inherit else None)
+    window = choice.window if choice is not None and choice.window is not None else (base.window if inherit else None)
+    try:
+        return Decoding(mode, draft_len, window)  # type: ignore[arg-type]
+    except ValueError as exc:  # the message starts with the field it is about: decoding.draft_len, …
+        field_name = str(exc).split()[0]
+        raise PlanError(str(exc), field_name if field_name.startswith("decoding.") else "decoding") from None
 
 
 @dataclass(frozen=True)
@@ -60,6 +107,7 @@ class GenerationOptions:
     #: the area (OpenAI's sizes), instead of being drawn as asked.
     fit_size_to_area: bool = False
     uncond_mode: UncondMode = "lockstep"  # what the guidance branch sees (design.md §5.2)
+    decoding: DecodingChoice | None = None  # the schedule asked for (None: the server's default)
 
 
 @dataclass(frozen=True)
@@ -80,6 +128,7 @@ class Plan:
     seed: int | None
     fit_size_to_area: bool = False
     uncond_mode: UncondMode = "lockstep"
+    decoding: Decoding = field(default_factory=Decoding)  # set by the runner, which knows the engine
     metadata: dict = field(default_factory=dict, compare=False)
 
 
@@ -219,5 +268,6 @@ def build_request(tok: Emu35Tokenizer, plan: Plan, question: str, reference_grid
         target_grid=target,
         seed=plan.seed,
         uncond_mode=plan.uncond_mode,
+        decoding=plan.decoding,
     )
 

@@ -44,6 +44,7 @@ from service.task.planner import (
     check_reference_count,
     check_reference_tokens,
     resolve,
+    resolve_decoding,
 )
 from service.task.previews import PreviewSchedule
 from service.token_layout import (
@@ -59,7 +60,7 @@ from service.token_layout import (
     TextSegment,
 )
 from service.tokenizer import Emu35Tokenizer
-from service.types import GenerationRequest, ModelKind
+from service.types import Decoding, GenerationRequest, ModelKind
 
 #: The size a FlashAR checkpoint draws when the client names none: its trained grid, 32×32 tokens.
 FLASHAR_DEFAULT_SIZE = "512x512"
@@ -156,12 +157,17 @@ class GenerationRunner:
     """Runs generations on one engine and one VQ worker."""
 
     def __init__(self, engine: AsyncEngine, vq: ImageCodecAsync, tokenizer: Emu35Tokenizer,
-                 image_area: int | None = None, kind: ModelKind = "emu3.5") -> None:
+                 image_area: int | None = None, kind: ModelKind = "emu3.5", decoding: Decoding | None = None,
+                 engine_name: str = "serving") -> None:
         self.engine = engine
         self.vq = vq
         self.tok = tokenizer
         self.image_area = image_area  # a service-wide override of every task's default image area
         self.kind = kind  # a FlashAR checkpoint draws T2I only, by default at its trained grid
+        self.decoding = decoding  # the server's default schedule (None: the engine's first, ar)
+        self.engine_name = engine_name  # named in the 400 of a schedule the engine lacks
+        #: what the engine offers; an engine that does not say draws one token per pass
+        self.schedules: tuple[str, ...] = tuple(getattr(engine, "schedules", ("ar",)))
 
     def _flashar_input(self, gen: GenerationInput) -> GenerationInput:
         """What a FlashAR checkpoint can do, checked before any work: text to one image, no reference
@@ -179,7 +185,8 @@ class GenerationRunner:
         if self.kind == "flashar":
             gen = self._flashar_input(gen)
         check_reference_count(len(gen.images))
-        plan = resolve(gen.task, gen.options, self.image_area)
+        decoding = resolve_decoding(gen.options.decoding, self.decoding, self.schedules, self.engine_name)
+        plan = replace(resolve(gen.task, gen.options, self.image_area), decoding=decoding)
         check_reference_tokens([im.size for im in gen.images], plan, self.vq.downsample, self.engine.max_model_len)
         grids = await self.vq.encode(list(gen.images), plan.image_area) if gen.images else []
         req = build_request(self.tok, plan, gen.question, grids, request_id, max_model_len=self.engine.max_model_len)
@@ -309,7 +316,7 @@ class GenerationRunner:
                                         req.request_id)
         return Outcome(req.request_id, gen.task, answer.images, answer.pngs, answer.parts, "".join(answer.text),
                        story.SerializeToString(), usage, run.reason, run.ttft, time.perf_counter() - run.started,
-                       run.image_seconds, run.decode_steps)
+                       run.image_seconds, run.decode_steps, req.decoding.resolved() if self.schedules else None)
 
 
 #: Grey of the cells a partial image has not drawn yet (the VQ's zero point, as the OpenAI partials use).

@@ -40,6 +40,10 @@ class _Submission:
 class AsyncFlashAREngine:
     """:class:`~service.engine.flashar.engine.FlashARCore` with the :class:`AsyncEngine` API."""
 
+    #: decoding schedules offered: none to choose: a FlashAR checkpoint is trained for its anti-diagonal order, which
+    #: ``ar``, ``jacobi`` and ``zipar`` are not
+    schedules: tuple[str, ...] = ()
+
     def __init__(self, model_dir: str | Path, tokenizer: Emu35Tokenizer, device: str = "cpu", dtype: str = "auto",
                  max_model_len: int | None = None, max_concurrent: int = 4) -> None:
         self.model_dir, self.tokenizer = Path(model_dir), tokenizer

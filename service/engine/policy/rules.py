@@ -253,6 +253,31 @@ class SamplingColumns:
     temperature: torch.Tensor
 
 
+def _policy_logits(logits: torch.Tensor, state: RowState, tables: VocabTables, guidance: Guidance | None,
+                   text: SamplingColumns, image: SamplingColumns, managed: torch.Tensor | None,
+                   columns: slice | None) -> tuple[torch.Tensor, int, SamplingColumns, torch.Tensor]:
+    """CFG and the masks of design.md §5, in place on ``logits``; returns the logits to sample from
+    (narrowed to ``columns``), the id of their first column, each row's sampling settings and its
+    forced token (-1 where none)."""
+    category, forced = constraints(state, tables)
+    visual = (category == CAT_VISUAL) & (forced < 0)
+    if guidance is not None:
+        guide_(logits, guidance, visual, tables.first_visual)
+    if managed is not None:
+        category = torch.where(managed, category, torch.full_like(category, CAT_ANY))
+    if columns is not None and columns == slice(tables.first_visual, tables.vocab_size):
+        pass  # every row draws a pixel (or a forced EOL/EOI): the visual columns are all allowed
+    elif columns is not None and columns == slice(0, tables.first_visual):
+        logits[:, columns].masked_fill_(tables.deny[category][:, columns], float("-inf"))
+    else:
+        mask_(logits, category, tables)
+    settings = SamplingColumns(torch.where(visual, image.top_k, text.top_k), torch.where(visual, image.top_p, text.top_p),
+                               torch.where(visual, image.temperature, text.temperature))
+    if columns is not None and columns != slice(None):
+        return logits[:, columns], columns.start or 0, settings, forced
+    return logits, 0, settings, forced
+
+
 def next_tokens(logits: torch.Tensor, state: RowState, tables: VocabTables, guidance: Guidance | None,
                 text: SamplingColumns, image: SamplingColumns, k_cap: int,
                 generators: Sequence[torch.Generator | None] = (), draws: Sequence[int] = (),
@@ -266,27 +291,43 @@ def next_tokens(logits: torch.Tensor, state: RowState, tables: VocabTables, guid
     (the caller knows it from the host-side output ids: all rows drawing pixels → the visual range);
     it changes nothing but the cost of the top-k.
     """
-    category, forced = constraints(state, tables)
-    visual = (category == CAT_VISUAL) & (forced < 0)
-    if guidance is not None:
-        guide_(logits, guidance, visual, tables.first_visual)
-    if managed is not None:
-        category = torch.where(managed, category, torch.full_like(category, CAT_ANY))
-    if columns is not None and columns == slice(tables.first_visual, tables.vocab_size):
-        pass  # every row draws a pixel (or a forced EOL/EOI): the visual columns are all allowed
-    elif columns is not None and columns == slice(0, tables.first_visual):
-        logits[:, columns].masked_fill_(tables.deny[category][:, columns], float("-inf"))
-    else:
-        mask_(logits, category, tables)
-    top_k = torch.where(visual, image.top_k, text.top_k)
-    top_p = torch.where(visual, image.top_p, text.top_p)
-    temp = torch.where(visual, image.temperature, text.temperature)
-    if columns is not None and columns != slice(None):
-        start = columns.start or 0
-        sampled = sample(logits[:, columns], top_k, top_p, temp, k_cap, generators, draws, fallback) + start
-    else:
-        sampled = sample(logits, top_k, top_p, temp, k_cap, generators, draws, fallback)
+    view, start, s, forced = _policy_logits(logits, state, tables, guidance, text, image, managed, columns)
+    sampled = sample(view, s.top_k, s.top_p, s.temperature, k_cap, generators, draws, fallback) + start
     return torch.where(forced >= 0, forced, sampled)
+
+
+@dataclass
+class Candidates:
+    """Each row's next-token distribution after every rule: ``probs[i, j]`` is the probability of token
+    ``ids[i, j]`` (0 outside the row's top-k / top-p; a greedy or forced row is one-hot in column 0).
+    What :func:`next_tokens` draws from, made explicit for schedules that must evaluate it at a token
+    they did not draw (speculative decoding)."""
+
+    probs: torch.Tensor  # [N, window] float32
+    ids: torch.Tensor  # [N, window] long
+
+    def prob_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[N]``: each row's probability of its token in ``tokens``."""
+        return (self.probs * (self.ids == tokens[:, None])).sum(-1)
+
+    def rows(self, index: torch.Tensor) -> "Candidates":
+        return Candidates(self.probs.index_select(0, index), self.ids.index_select(0, index))
+
+
+def policy_candidates(logits: torch.Tensor, state: RowState, tables: VocabTables, guidance: Guidance | None,
+                      text: SamplingColumns, image: SamplingColumns, k_cap: int,
+                      columns: slice | None = None) -> Candidates:
+    """The distribution :func:`next_tokens` would draw each row's token from (same CFG, masks,
+    top-k → temperature → top-p, forced tokens), for every row at once. ``logits`` is overwritten."""
+    view, start, s, forced = _policy_logits(logits, state, tables, guidance, text, image, None, columns)
+    probs, idx = candidate_probs(view, s.top_k, s.top_p, s.temperature, k_cap)
+    idx = idx + start
+    fixed = forced >= 0
+    one_hot = torch.zeros_like(probs)
+    one_hot[:, 0] = 1.0
+    probs = torch.where(fixed[:, None], one_hot, probs)
+    idx = torch.where(fixed[:, None] & (torch.arange(idx.shape[1], device=idx.device) == 0), forced[:, None], idx)
+    return Candidates(probs, idx)
 
 
 def host_mode(mode: int, token: int, tables: VocabTables) -> int:
@@ -320,6 +361,26 @@ def effective_top_k(top_k: int, vocab: int) -> int:
     return vocab if top_k <= 0 else min(top_k, vocab)
 
 
+def candidate_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor,
+                    k_cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """top-k → temperature → top-p per row: ``(probs, ids)`` over each row's ``k_cap + TIE_MARGIN`` best
+    candidates (sorted, best first). A greedy row is one-hot on its best candidate."""
+    vocab = logits.shape[1]
+    window = max(1, min(int(k_cap) + TIE_MARGIN, vocab))
+    vals, idx = torch.topk(logits.float(), window, dim=-1)
+    eff_k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k).clamp(1, window)
+    kth = vals.gather(1, (eff_k - 1)[:, None])
+    vals = vals.masked_fill(vals < kth, float("-inf"))  # ties with the k-th value are kept
+    greedy = (temperature <= 0) | (top_k == 1)
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    probs = torch.softmax(vals / temp[:, None], dim=-1)
+    cum = probs.cumsum(dim=-1)
+    probs = probs.masked_fill((cum - probs) > top_p.float()[:, None], 0.0)
+    first = torch.zeros_like(probs)
+    first[:, 0] = 1.0
+    return torch.where(greedy[:, None], first, probs), idx
+
+
 def sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor,
            k_cap: int, generators: Sequence[torch.Generator | None] = (), draws: Sequence[int] = (),
            fallback: torch.Generator | None = None) -> torch.Tensor:
@@ -332,18 +393,8 @@ def sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, tempe
     ``draws[i] + TIE_MARGIN`` numbers per step (at most the window), a constant of its request, so a
     seeded request reproduces its tokens whatever else shares the batch.
     """
-    rows, vocab = logits.shape
-    window = max(1, min(int(k_cap) + TIE_MARGIN, vocab))
-    vals, idx = torch.topk(logits.float(), window, dim=-1)
-    eff_k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k).clamp(1, window)
-    kth = vals.gather(1, (eff_k - 1)[:, None])
-    vals = vals.masked_fill(vals < kth, float("-inf"))  # ties with the k-th value are kept
-    greedy = (temperature <= 0) | (top_k == 1)
-    temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    probs = torch.softmax(vals / temp[:, None], dim=-1)
-    cum = probs.cumsum(dim=-1)
-    probs = probs.masked_fill((cum - probs) > top_p.float()[:, None], 0.0)
-
+    probs, idx = candidate_probs(logits, top_k, top_p, temperature, k_cap)
+    rows, window = probs.shape
     seeded = [i for i, gen in enumerate(generators) if gen is not None]
     if len(seeded) == rows:
         q = torch.ones_like(probs)
@@ -354,5 +405,6 @@ def sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, tempe
         q[i, n:] = 1.0
         q[i, :n].exponential_(generator=generators[i])
     choice = torch.argmax(probs / q, dim=-1)
+    greedy = (temperature <= 0) | (top_k == 1)
     choice = torch.where(greedy, torch.zeros_like(choice), choice)
     return idx.gather(1, choice[:, None]).squeeze(1)

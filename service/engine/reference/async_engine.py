@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 class AsyncReferenceEngine:
     """:class:`~service.engine.reference.ReferenceEngine` with the :class:`AsyncEngine` API."""
 
+    #: decoding schedules offered: one token per pass, the release's own loop
+    schedules: tuple[str, ...] = ("ar",)
+
     def __init__(self, model_dir: str | Path, tokenizer: Emu35Tokenizer, device: str = "cpu",
                  dtype: str = "auto", max_model_len: int | None = None) -> None:
         self.model_dir = Path(model_dir)

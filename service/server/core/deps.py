@@ -69,8 +69,8 @@ async def require_json(request: Request) -> None:
                        "unsupported_media_type")
 
 
-#: Form fields holding JSON objects (sampling overrides) in a multipart request.
-JSON_FORM_FIELDS = frozenset({"text_sampling", "image_sampling"})
+#: Form fields holding JSON objects (sampling overrides, the decoding schedule) in a multipart request.
+JSON_FORM_FIELDS = frozenset({"text_sampling", "image_sampling", "decoding"})
 #: Form fields that are numbers or booleans: multipart sends text, JSON must send the typed value (the models
 #: are strict), so these are converted when their text is one.
 INT_FORM_FIELDS = frozenset({"seed", "n", "max_new_tokens", "image_area", "partial_images", "output_compression",

@@ -19,7 +19,15 @@ from service.server.core.limiter import AdmissionLimiter
 from service.server.core.metrics import Metrics
 from service.server.core.records import RecordStore
 from service.settings import Settings
-from service.task import AsyncEngine, GenerationRunner, build_engine, load_tokenizer, model_kind, start_vq_worker
+from service.task import (
+    AsyncEngine,
+    GenerationRunner,
+    build_engine,
+    load_tokenizer,
+    model_kind,
+    serving_engine,
+    start_vq_worker,
+)
 
 if TYPE_CHECKING:  # built by the task layer; only their types are named here
     from service.task import Emu35Tokenizer
@@ -68,6 +76,7 @@ class Runtime:
         s = self.settings
         self.model_kind = model_kind(s)  # what /v1/models and /ready say is served
         self.api_keys = load_api_keys(s)  # a bad keys file stops the start (ApiKeysError)
+        self.engine_kind = serving_engine(s)  # its name and the schedules it offers (/v1/models)
         self.limiter = AdmissionLimiter(s.max_concurrent, s.max_queue, on_change=self._admission_changed)
         self.metrics.queue_capacity.set(self.limiter.capacity)
         self.metrics.attach_live(self._stats, lambda: self.state == "ready",
@@ -98,12 +107,13 @@ class Runtime:
             await asyncio.to_thread(self.engine.start)
             await self.engine.self_check()
             self.runner = GenerationRunner(self.engine, self.vq, self.tokenizer, image_area=s.image_area,
-                                           kind=self.model_kind)
+                                           kind=self.model_kind, decoding=s.default_decoding,
+                                           engine_name=self.engine_kind.name)
             if self.state == "loading":
                 self.state = "ready"
                 self.watchdog = asyncio.create_task(self._watch_engine(), name="emu35-engine-watchdog")
-            engine = "flashar" if self.model_kind == "flashar" else s.engine_kind
-            logger.info("emu35-serve ready: engine=%s model=%s vq_device=%s", engine, s.model, s.resolved_vq_device)
+            logger.info("emu35-serve ready: engine=%s model=%s vq_device=%s", self.engine_kind.name, s.model,
+                        s.resolved_vq_device)
         except Exception as exc:  # noqa: BLE001 - reported by /ready and the log
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from service.schema.common import DecodingData
 from service.schema.emu35 import (
     DoneData,
     GenerationResponse,
@@ -38,8 +39,10 @@ def _usage(out: Outcome) -> UsageData:
 
 
 def _timings(out: Outcome) -> Timings:
+    d = out.decoding
     return Timings(seconds=round(out.seconds, 4), time_to_first_token=out.time_to_first_token,
-                   decode_steps=out.decode_steps)
+                   decode_steps=out.decode_steps, tokens_per_pass=out.tokens_per_pass,
+                   decoding=None if d is None else DecodingData(mode=d.mode, draft_len=d.draft_len, window=d.window))
 
 
 def generation_body(out: Outcome, model: str, created: int) -> dict[str, Any]:

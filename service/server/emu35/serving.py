@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from service.prompts import Task
-from service.schema.common import sampling_override
+from service.schema.common import decoding_choice, sampling_override
 from service.schema.emu35 import GenerateRequest, GenerationParams, InterleavedRequest, T2IRequest, X2IRequest
 from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now
 from service.server.emu35.render import done_event, error_event, generation_body, sse_message
@@ -38,7 +38,8 @@ class ServingGeneration(ServingBase):
         options = GenerationOptions(
             size=params.size_spec(), cfg_scale=params.guidance_scale, max_new_tokens=params.max_new_tokens,
             text=sampling_override(params.text_sampling), image=sampling_override(params.image_sampling),
-            seed=params.seed, image_area=params.image_area, variant=self.variant, uncond_mode=params.uncond_mode)
+            seed=params.seed, image_area=params.image_area, variant=self.variant, uncond_mode=params.uncond_mode,
+            decoding=decoding_choice(params.decoding))
         pictures = await self.decode_images(images, "images")
         return Job(endpoint, [GenerationInput(task, params.prompt, tuple(pictures), options)],
                    stream=wants_stream(params, request),

@@ -19,7 +19,14 @@ from service.limits import (
     MIN_GUIDANCE_SCALE,
     MIN_IMAGE_AREA,
 )
-from service.schema.common import WEBHOOK_FIELD_DESCRIPTION, ErrorDetail, Prompt, SamplingOverrides
+from service.schema.common import (
+    DECODING_FIELD_DESCRIPTION,
+    WEBHOOK_FIELD_DESCRIPTION,
+    DecodingParams,
+    ErrorDetail,
+    Prompt,
+    SamplingOverrides,
+)
 
 #: OpenAI's ``quality`` values (``standard`` / ``hd``: DALL·E's); what each maps to is in openai_images.py.
 OpenAIQuality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
@@ -28,7 +35,7 @@ OpenAIOutputFormat = Literal["png", "jpeg", "webp"]
 
 class OpenAIImageParams(BaseModel):
     """OpenAI's image request fields plus Emu3.5's own (``guidance_scale``, ``seed``, ``image_area``,
-    ``max_new_tokens``, sampling) as extensions.
+    ``max_new_tokens``, sampling, ``decoding``) as extensions.
 
     Unlike the Emu3.5 routes, unknown fields are accepted (and logged): the official client adds fields
     over time, and a client that sends one must keep working. Known fields are checked strictly; a value
@@ -67,6 +74,7 @@ class OpenAIImageParams(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, strict=True)
     text_sampling: SamplingOverrides | None = None
     image_sampling: SamplingOverrides | None = None
+    decoding: DecodingParams | None = Field(None, description=DECODING_FIELD_DESCRIPTION)
     webhook: str | None = Field(None, max_length=2048, description=WEBHOOK_FIELD_DESCRIPTION)
 
     def unknown_fields(self) -> list[str]:

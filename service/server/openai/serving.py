@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from service.prompts import Task
-from service.schema.common import sampling_override
+from service.schema.common import decoding_choice, sampling_override
 from service.server.core.errors import APIError, bad_request
 from service.server.core.serving_base import SSE_PING_SECONDS, Admitted, Job, ServingBase, now
 from service.server.openai.mapping import DEFAULT_COMPRESSION, OpenAIOutput, quality_preset, size_spec
@@ -86,7 +86,7 @@ class ServingOpenAIImages(ServingBase):
                 size=size, cfg_scale=p.guidance_scale, max_new_tokens=p.max_new_tokens,
                 text=sampling_override(p.text_sampling), image=sampling_override(p.image_sampling),
                 seed=seed, image_area=p.image_area, variant=self.variant, area_scale=area_scale,
-                fit_size_to_area=True)
+                fit_size_to_area=True, decoding=decoding_choice(p.decoding))
             inputs.append(GenerationInput(task, p.prompt, pictures, options))
         partials = p.partial_images or 0
         output = OpenAIOutput(p.output_format or "png", DEFAULT_COMPRESSION if p.output_compression is None

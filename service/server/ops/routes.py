@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from service.schema.common import ModelCard, ModelList, ServiceStatus
+from service.schema.common import DecodingData, ModelCard, ModelList, ServiceStatus
 from service.server.core.deps import get_runtime, optional_api_key, require_api_key
 from service.server.core.errors import APIError
 from service.server.core.metrics import CONTENT_TYPE
@@ -15,6 +15,7 @@ from service.server.core.openapi import error_responses
 from service.server.core.records import valid_record_id
 from service.server.core.routing import v1_router
 from service.server.core.runtime import Runtime
+from service.types import Decoding
 
 router = APIRouter(tags=["operations"])
 v1 = v1_router()
@@ -55,10 +56,20 @@ async def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@v1.get("/models", response_model=ModelList, tags=["openai"])
+@v1.get("/models", response_model=ModelList, response_model_exclude_none=True, tags=["openai"])
 async def models(runtime: Runtime = Depends(get_runtime)) -> ModelList:
+    engine = runtime.engine_kind
+    # the running engine's own word once it is built (the same as its class's while it loads)
+    schedules = list(runtime.runner.schedules if runtime.runner is not None else engine.schedules())
+    default = runtime.settings.default_decoding
+    if default is None and schedules:
+        default = Decoding(schedules[0])  # type: ignore[arg-type]
+    default = default.resolved() if default is not None and schedules else None
+    decoding = None if default is None else DecodingData(mode=default.mode, draft_len=default.draft_len,
+                                                         window=default.window)
     return ModelList(data=[ModelCard(id=runtime.settings.served_model_name, created=int(runtime.started_at),
-                                     model_kind=runtime.model_kind)])
+                                     model_kind=runtime.model_kind, engine=engine.name, schedules=schedules,
+                                     decoding=decoding)])
 
 
 @v1.get("/records/{record_id}", tags=["emu3.5"], summary="a finished generation's .pb record",

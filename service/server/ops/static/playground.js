@@ -150,6 +150,11 @@ function readParams(form) {
     for (const key of ["top_k", "top_p", "temperature"]) setNumber(sampling, key, f[`${kind}.${key}`]);
     if (Object.keys(sampling).length) body[kind] = sampling;
   }
+  // the schedule: left out unless asked (the server's default; /v1/models lists what the engine offers)
+  const decoding = {};
+  if (f["decoding.mode"].value) decoding.mode = f["decoding.mode"].value;
+  for (const key of ["draft_len", "window"]) setNumber(decoding, key, f[`decoding.${key}`]);
+  if (Object.keys(decoding).length) body.decoding = decoding;
   return body;
 }
 
@@ -354,6 +359,8 @@ class ResultView {
     if (timings.time_to_first_token != null) parts.push(`first token after ${timings.time_to_first_token.toFixed(2)} s`);
     if (usage) parts.push(`${usage.completion_tokens} tokens (${usage.visual_tokens} visual)`);
     if (timings.decode_steps) parts.push(`${timings.decode_steps} decode steps`);
+    if (timings.tokens_per_pass) parts.push(`${timings.tokens_per_pass.toFixed(2)} tokens per pass`);
+    if (timings.decoding) parts.push(`schedule ${timings.decoding.mode}`);
     if (reason && reason !== "stop") parts.push(`finish: ${reason}`);
     this.status.textContent = parts.join(" · ");
     this.offerRecord(id, record);
