@@ -257,6 +257,13 @@ class NativeCore:
         return out
 
     def _grow(self, capacity: int) -> None:
+        """Widen the slot cache and its fill mask to ``capacity`` positions. Called from inside ``step``'s
+        inference mode, but the new tensors are written outside it too (``admit``), so they are made as
+        ordinary tensors: an inference tensor written outside inference mode raises."""
+        with torch.inference_mode(False):
+            self._widen(capacity)
+
+    def _widen(self, capacity: int) -> None:
         if capacity > self.cache.capacity:
             size = max(capacity, 2 * self.cache.capacity)
             self.cache.grow(size)
