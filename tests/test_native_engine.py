@@ -79,7 +79,7 @@ def test_ar_ids_equal_the_reference_engine(net, reference, tiny_tokenizer, task,
 
 
 # ---- jacobi: lossless ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("task,uncond", [("t2i", "lockstep"), ("x2i", "reference"), ("howto", "lockstep"),
+@pytest.mark.parametrize("task,uncond", [("t2i", "lockstep"), ("x2i", "lockstep"), ("howto", "lockstep"),
                                          ("howto", "reference"), ("story", "lockstep")])
 def test_jacobi_greedy_ids_equal_ar_in_fewer_passes(net, tiny_tokenizer, task, uncond):
     tok = tiny_tokenizer
@@ -135,7 +135,7 @@ def test_a_broken_acceptance_rule_fails_the_distribution_test(net, tiny_tokenize
 
 # ---- zipar ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("task,size,decodings", [
-    ("t2i", "96x160", (Decoding("zipar", window=6), Decoding("zipar", draft_len=4, window=4096))),
+    ("t2i", "64x64", (Decoding("zipar", window=4), Decoding("zipar", draft_len=4, window=4096))),
     ("howto", "64x64", (Decoding("zipar", window=4),))])
 def test_zipar_with_a_window_of_the_row_width_is_ar(net, tiny_tokenizer, task, size, decodings):
     tok = tiny_tokenizer
