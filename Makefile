@@ -18,7 +18,7 @@ DOCS_TOOLS ?= mkdocs==1.6.1 mkdocs-material==9.8.1 pymdown-extensions==13.1.2
 # torch comes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm011 check docs docs-pages test test-quick test-vllm032 test-vllm011 browser postgresql demo bench-vq bench-engine bench-flashar bench-decoding bench-jobs proto clean
+.PHONY: install install-vllm011 check docs docs-pages test test-quick test-vllm032 test-vllm011 browser postgresql demo screenshot bench-vq bench-engine bench-flashar bench-decoding bench-jobs proto clean
 
 install: $(VENV)/.installed
 
@@ -89,6 +89,10 @@ postgresql:
 
 demo: install
 	$(BIN)/python -m service serve --demo
+
+# the README's picture: the playground's T2I test, its finished page written to docs/playground.png
+screenshot: install browser
+	EMU35_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_playground.py -k t2i_shows_the_image
 
 bench-vq: install
 	$(BIN)/python bench/vq_memory.py
