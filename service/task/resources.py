@@ -177,7 +177,8 @@ def _build_flashar(s: ResourceSettings, tokenizer: Emu35Tokenizer) -> AsyncEngin
 def _build_native(s: ResourceSettings, tokenizer: Emu35Tokenizer) -> AsyncEngine:
     from service.engine.native import AsyncNativeEngine
 
-    return AsyncNativeEngine(s.model, tokenizer, s.resolved_device, s.dtype, s.max_model_len, s.max_concurrent)
+    return AsyncNativeEngine(s.model, tokenizer, s.resolved_device, s.dtype, s.max_model_len,
+                             max_slots=2 * s.max_concurrent)  # a guided request holds two rows (cond, uncond)
 
 
 def _vllm_class() -> type:
