@@ -50,7 +50,7 @@ def _image(b64: str) -> np.ndarray:
 
 
 def test_models_and_ready_say_flashar(http):
-    assert http.get("/ready").json() == {"status": "ready", "model_kind": "flashar"}
+    assert http.get("/ready").json() == {"status": "ready", "model_kind": "flashar", "job_store": "ok"}
     assert [m["model_kind"] for m in http.get("/v1/models").json()["data"]] == ["flashar"]
 
 

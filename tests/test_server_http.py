@@ -461,7 +461,7 @@ def test_service_still_answers_after_bad_requests(http):
 
 def test_health_and_ready_need_no_key(server):
     assert httpx.get(server.url + "/health").status_code == 200
-    assert httpx.get(server.url + "/ready").json() == {"status": "ready", "model_kind": "emu3.5"}
+    assert httpx.get(server.url + "/ready").json() == {"status": "ready", "model_kind": "emu3.5", "job_store": "ok"}
     assert httpx.head(server.url + "/health").status_code == httpx.head(server.url + "/ready").status_code == 200
     r = httpx.get(server.url + "/v1/models")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"

@@ -663,7 +663,8 @@ def test_ready_tells_why_it_failed_only_to_the_key_holder(api_key, headers, show
 
     ready = asyncio.run(get("/ready"))
     assert ready.status_code == 503
-    expected = {"status": "failed", "model_kind": "emu3.5"}  # the kind is no secret: it comes from the config
+    # the kind is no secret (it comes from the config); no lifespan ran, so the job store was never opened
+    expected = {"status": "failed", "model_kind": "emu3.5", "job_store": "waiting"}
     if shows_error:
         expected["error"] = runtime.error
     assert ready.json() == expected
